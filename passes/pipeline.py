@@ -1,0 +1,87 @@
+"""The compilation pipeline, in named phases; each phase's IR can be dumped for debugging."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import tvm
+from tvm import relax
+from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
+from tvm.s_tir import dlight as dl
+
+from tvm_sparse.schedules import default_rules
+
+PHASES = ("simplify", "legalize", "schedule")
+
+
+def _phase_passes(name: str, target: tvm.target.Target) -> list[tvm.transform.Pass]:
+    if name == "simplify":
+        return [
+            relax.transform.FoldConstant(),
+            relax.transform.CanonicalizeBindings(),
+            relax.transform.DeadCodeElimination(),
+        ]
+    if name == "legalize":
+        return [
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+        ]
+    if name == "schedule":
+        return [dl.ApplyDefaultSchedule(*default_rules())]
+    raise ValueError(f"unknown phase {name!r}")
+
+
+def optimize(
+    mod: tvm.IRModule,
+    target: tvm.target.Target,
+    dump_dir: str | None = None,
+    extra: dict[str, list[tvm.transform.Pass]] | None = None,
+    on_phase: Callable[[str], None] | None = None,
+) -> tvm.IRModule:
+    """Run the phases in order; `extra[phase]` passes run before that phase's own passes.
+
+    Parameters
+    ----------
+    mod
+        The imported Relax module.
+    target
+        The build target (schedule rules read its features).
+    dump_dir
+        If given, the IR after each phase is written to ``dump_dir/NN-<phase>.py``.
+    extra
+        Passes later stages (sparse rewrites, tuning) insert in front of a phase.
+    on_phase
+        Called with each phase name as it starts (progress display).
+    """
+    extra = extra or {}
+    with target:
+        for index, name in enumerate(PHASES):
+            if on_phase:
+                on_phase(name)
+            seq = tvm.transform.Sequential(extra.get(name, []) + _phase_passes(name, target))
+            mod = seq(mod)
+            if dump_dir:
+                os.makedirs(dump_dir, exist_ok=True)
+                with open(os.path.join(dump_dir, f"{index:02d}-{name}.py"), "w") as f:
+                    f.write(mod.script(show_meta=False))
+    return mod
+
+
+def lowering_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    """Relax lowering after our phases (TVM's CPU pipeline minus legalization, already done)."""
+
+    @tvm.transform.module_pass(opt_level=0, name="TvmSparseLowering")
+    def _lower(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        with target:
+            seq = tvm.transform.Sequential(
+                cpu_pipeline.library_dispatch_passes(target)
+                + cpu_pipeline.dataflow_lower_passes(target)
+                + cpu_pipeline.finalize_passes(target)
+            )
+            return seq(mod)
+
+    return _lower

@@ -1,0 +1,94 @@
+"""Helpers shared by the schedule rules: block analysis and loop utilities."""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.analysis import SBlockInfo, normalize_prim_func
+
+__all__ = ["SBlockInfo", "normalize_prim_func", "const_extent", "inline_spatial_producers",
+           "vector_width", "schedule_leftover"]
+
+# Work below this many output elements is not worth waking the thread pool for (~2-5 us).
+PARALLEL_MIN_ELEMS = 16384
+
+
+def const_extent(expr) -> int | None:
+    """The integer value of a loop/iter extent, or None when it is symbolic."""
+    if isinstance(expr, int):
+        return expr
+    return int(expr.value) if isinstance(expr, tirx.IntImm) else None
+
+
+def vector_width(extent: int, dtype_bits: int = 32, register_bits: int = 512) -> int:
+    """Largest power-of-two lane count <= one register that divides `extent` (1 if none)."""
+    lanes = register_bits // dtype_bits
+    while lanes > 1 and extent % lanes:
+        lanes //= 2
+    return max(lanes, 1)
+
+
+def inline_spatial_producers(sch: s_tir.Schedule, keep: s_tir.schedule.SBlockRV) -> None:
+    """Inline every injective block that can be folded into its consumers, except `keep`."""
+    changed = True
+    while changed:
+        changed = False
+        for info in normalize_prim_func(sch) or []:
+            if info.block_rv == keep or not info.is_injective():
+                continue
+            if sch.get(info.block_rv).name_hint == sch.get(keep).name_hint:
+                continue
+            try:
+                sch.compute_inline(info.block_rv)
+                changed = True
+                break
+            except Exception:  # not inlinable (e.g. it writes an output); leave it
+                continue
+
+
+def _schedule_block(sch: s_tir.Schedule, info: SBlockInfo) -> None:
+    loops = sch.get_loops(info.block_rv)
+    kinds = [it.kind for it in info.iters]
+    if not loops or len(loops) != len(kinds):
+        return
+    lead = 0
+    while lead < len(kinds) and kinds[lead] == "S":
+        lead += 1
+    if lead == 0:
+        return
+    extents = [const_extent(it.dom) for it in info.iters[:lead]]
+    if any(e is None for e in extents):
+        return
+    total = 1
+    for e in extents:
+        total *= e
+    fused = sch.fuse(*loops[:lead]) if lead > 1 else loops[0]
+    dtype_bits = sch.get(info.block_rv).writes[0].source.dtype.bits
+    if info.is_injective():
+        vec = vector_width(total, dtype_bits)
+        if vec > 1:
+            fused, inner = sch.split(fused, [None, vec])
+            sch.vectorize(inner)
+            total //= vec
+        if total * vec >= PARALLEL_MIN_ELEMS and total > 1:
+            sch.parallel(fused)
+    elif total > 1 and total * max(1, _reduction_size(info)) >= PARALLEL_MIN_ELEMS:
+        sch.parallel(fused)
+
+
+def _reduction_size(info: SBlockInfo) -> int:
+    size = 1
+    for it in info.iters:
+        if it.kind == "R":
+            size *= const_extent(it.dom) or 1
+    return size
+
+
+def schedule_leftover(sch: s_tir.Schedule, skip: set[str] = frozenset()) -> None:
+    """Parallelise and vectorise the root-level blocks no other rule took care of."""
+    for info in normalize_prim_func(sch) or []:
+        if sch.get(info.block_rv).name_hint in skip:
+            continue
+        try:
+            _schedule_block(sch, info)
+        except Exception:  # a shape the simple recipe cannot handle stays correct, unscheduled
+            continue

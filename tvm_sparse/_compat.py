@@ -1,0 +1,10 @@
+"""One place for the TVM names that moved between releases (0.24+ split tir into tirx/s_tir)."""
+
+from tvm import relax, s_tir, tirx  # noqa: F401
+from tvm.relax.frontend.onnx import onnx_frontend  # noqa: F401
+from tvm.s_tir import Schedule  # noqa: F401
+from tvm.script import tirx as T  # noqa: F401
+
+# Function attributes understood by TVM 0.27 (the pre-0.24 "tir.*" spellings are silently ignored).
+ATTR_NOALIAS = "tirx.noalias"
+ATTR_SCHEDULED = "tirx.is_scheduled"
