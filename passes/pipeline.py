@@ -12,6 +12,8 @@ from tvm.s_tir import dlight as dl
 
 from tvm_sparse.schedules import default_rules
 
+from .rewrite_conv1x1_to_matmul import RewriteConv1x1ToMatmul
+
 PHASES = ("simplify", "legalize", "schedule")
 
 
@@ -19,6 +21,7 @@ def _phase_passes(name: str, target: tvm.target.Target) -> list[tvm.transform.Pa
     if name == "simplify":
         return [
             relax.transform.FoldConstant(),
+            RewriteConv1x1ToMatmul(),
             relax.transform.CanonicalizeBindings(),
             relax.transform.DeadCodeElimination(),
         ]

@@ -8,3 +8,11 @@ from tvm.script import tirx as T  # noqa: F401
 # Function attributes understood by TVM 0.27 (the pre-0.24 "tir.*" spellings are silently ignored).
 ATTR_NOALIAS = "tirx.noalias"
 ATTR_SCHEDULED = "tirx.is_scheduled"
+
+# Relax constants are `tvm.ir.expr.Constant` (0.27 has no `relax.Constant`); value: `.value`.
+from tvm.ir.expr import Constant  # noqa: E402,F401
+
+
+def constant_value(const):
+    """The NumPy array held by a Relax constant."""
+    return const.value.numpy()

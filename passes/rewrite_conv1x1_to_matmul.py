@@ -1,0 +1,116 @@
+"""RewriteConv1x1ToMatmul: a pointwise NCHW conv with a constant weight becomes W[O, I] @ X[I, H*W].
+
+In NCHW a 1x1, stride-1, ungrouped conv is exactly a matmul whose right operand is the input
+viewed as [C, H*W] (a free reshape) and whose columns are contiguous, which the matmul rule
+tiles at near peak. Later sparse passes see the same matmul form as MatMul/Gemm layers.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from tvm_sparse._compat import Constant, constant_value
+
+
+def _is_pointwise(call: relax.Call) -> bool:
+    attrs = call.attrs
+    data, weight = call.args
+    if not isinstance(weight, Constant):
+        return False
+    wshape = [int(d) for d in weight.ty.shape]
+    dshape = data.ty.shape
+    if dshape is None or any(not isinstance(d, tvm.tirx.IntImm) for d in dshape.values):
+        return False
+    return (
+        attrs.data_layout == "NCHW" and attrs.kernel_layout == "OIHW"
+        and attrs.out_layout in ("", "NCHW") and wshape[2:] == [1, 1] and attrs.groups == 1
+        and all(int(s) == 1 for s in attrs.strides) and all(int(p) == 0 for p in attrs.padding)
+        and all(int(d) == 1 for d in attrs.dilation)
+        and (not attrs.out_dtype or attrs.out_dtype == data.ty.dtype)
+    )
+
+
+# Elementwise ops that commute with the [1, C, H, W] <-> [C, H*W] reshape when their other
+# operand is a per-channel or scalar constant; sinking them lets FuseOps fuse them into the matmul.
+_SINKABLE = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum",
+             "relax.minimum", "relax.nn.relu", "relax.clip", "relax.sigmoid", "relax.tanh")
+
+
+def _per_channel(const, channels: int) -> relax.Expr | None:
+    """A constant broadcastable as [1, C, 1, 1], reshaped to [C, 1] (scalars pass as they are)."""
+    value = constant_value(const)
+    if value.size == 1:
+        return const
+    if value.size == channels and value.ndim >= 3 and value.shape[-2:] == (1, 1) and (
+        value.ndim == 3 or value.shape[0] == 1
+    ):
+        return relax.const(value.reshape(channels, 1))
+    return None
+
+
+@mutator
+class _Rewriter(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule):
+        super().__init__(mod)
+        self.conv2d = tvm.ir.Op.get("relax.nn.conv2d")
+        self.reshape = tvm.ir.Op.get("relax.reshape")
+        self.sinkable = {tvm.ir.Op.get(name) for name in _SINKABLE}
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if call.op in self.sinkable:
+            return self._sink(call)
+        if call.op != self.conv2d or not _is_pointwise(call):
+            return call
+        data, weight = call.args
+        n, c, h, w = (int(d) for d in data.ty.shape.values)
+        out_c = int(weight.ty.shape[0])
+        w2d = relax.const(constant_value(weight).reshape(out_c, c))
+        x = relax.op.reshape(data, [c, h * w] if n == 1 else [n, c, h * w])
+        y = self.builder_.emit(relax.op.matmul(w2d, x))
+        return relax.op.reshape(y, [n, out_c, h, w])
+
+    def _unreshaped(self, expr: relax.Expr):
+        """(2-D matmul-domain value, NCHW shape) if `expr` is our reshape back to [1, C, H, W]."""
+        if not isinstance(expr, relax.Var):
+            return None
+        bound = self.lookup_binding(expr)
+        if not (isinstance(bound, relax.Call) and bound.op == self.reshape):
+            return None
+        src = bound.args[0]
+        shape = [int(d) for d in bound.ty.shape.values]
+        if len(shape) != 4 or shape[0] != 1 or src.ty.ndim != 2:
+            return None
+        if [int(d) for d in src.ty.shape.values] != [shape[1], shape[2] * shape[3]]:
+            return None
+        return src, shape
+
+    def _sink(self, call: relax.Call) -> relax.Expr:
+        found = self._unreshaped(call.args[0])
+        if found is None:
+            return call
+        src, shape = found
+        args = [src]
+        for other in call.args[1:]:
+            if not isinstance(other, Constant):
+                return call
+            other = _per_channel(other, shape[1])
+            if other is None:
+                return call
+            args.append(other)
+        moved = self.builder_.emit(relax.Call(call.op, args, call.attrs))
+        return relax.op.reshape(moved, shape)
+
+
+@tvm.transform.module_pass(opt_level=0, name="RewriteConv1x1ToMatmul")
+class RewriteConv1x1ToMatmul:
+    """Replace pointwise NCHW conv2d (constant weight, stride 1, no padding) by a matmul."""
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        rewriter = _Rewriter(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+        return rewriter.builder_.get()
