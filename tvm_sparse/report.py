@@ -67,7 +67,9 @@ def weight_layers(model: onnx.ModelProto) -> list[dict]:
 
 def format_table(rows: list[dict], blocks=("1x4", "4x1", "16x1", "8x8")) -> str:
     """A fixed-width text table of layers (for the CLI and the demo)."""
-    head = ["layer", "op", "weight", "shape", "sparsity"] + [f"zero {b}" for b in blocks] + ["kernel"]
+    with_kernel = any("kernel" in row for row in rows)
+    head = ["layer", "op", "weight", "shape", "sparsity"] + [f"zero {b}" for b in blocks]
+    head += ["kernel"] if with_kernel else []
     lines = []
     for row in rows:
         for label, w in (row["weights"] or {"-": None}).items():
@@ -77,7 +79,8 @@ def format_table(rows: list[dict], blocks=("1x4", "4x1", "16x1", "8x8")) -> str:
             else:
                 cells += ["x".join(map(str, w["shape"])), f"{w['sparsity']:.1%}"]
                 cells += [f"{w['zero_blocks'].get(b, 0.0):.1%}" for b in blocks]
-            cells.append(row.get("kernel", "-"))
+            if with_kernel:
+                cells.append(row.get("kernel", "-"))
             lines.append(cells)
     widths = [max(len(str(c)) for c in col) for col in zip(head, *lines)] if lines else [len(h) for h in head]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)

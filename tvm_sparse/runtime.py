@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,6 +20,23 @@ FORMAT_VERSION = 1
 LIBRARY = "model.so"
 META = "model.json"
 REPORT = "report.json"
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Silence fd 2 for TVM 0.27's leftover "Scope Saving/Loaded" warnings in (de)serialisation."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no usable stderr: nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _flatten(value) -> list[np.ndarray]:
@@ -81,7 +99,8 @@ class CompiledModel:
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".tvm-sparse-", dir=parent)
         try:
-            self._executable.export_library(os.path.join(tmp, LIBRARY))
+            with _quiet_native_stderr():
+                self._executable.export_library(os.path.join(tmp, LIBRARY))
             meta = {
                 "format": FORMAT_VERSION,
                 "target": self.target,
@@ -130,7 +149,8 @@ def load(out_dir: str | os.PathLike) -> CompiledModel:
     if not os.path.isfile(lib_path):
         raise ArtifactError(f"{lib_path}: missing library")
     try:
-        executable = tvm.runtime.load_module(lib_path)
+        with _quiet_native_stderr():
+            executable = tvm.runtime.load_module(lib_path)
     except Exception as err:
         raise ArtifactError(f"{lib_path}: cannot load library ({str(err).splitlines()[0]})") from err
     report = []

@@ -129,7 +129,8 @@ def input_specs(
         else:
             dims = [d.dim_value if d.HasField("dim_value") else None for d in ttype.shape.dim]
             if not ttype.HasField("shape") or any(d is None for d in dims):
-                shown = [d.dim_param or "?" for d in ttype.shape.dim] if ttype.HasField("shape") else "unknown rank"
+                shown = ([d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                          for d in ttype.shape.dim] if ttype.HasField("shape") else "unknown rank")
                 raise ShapeError(
                     f"input '{value.name}' has dynamic dims {shown}: give its shape, e.g. "
                     f"shapes={{'{value.name}': [...]}} (CLI: --shape {value.name}=d0,d1,...)"

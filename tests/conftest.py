@@ -1,0 +1,56 @@
+"""Shared fixtures: fixed seeds, a tolerance table by dtype, small ONNX model builders."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+# One tolerance table for the whole suite (integer outputs are compared exactly).
+TOLERANCE = {"float32": dict(rtol=1e-4, atol=1e-4), "float16": dict(rtol=1e-2, atol=1e-2)}
+
+
+def assert_close(actual: np.ndarray, expected: np.ndarray, what: str = "output") -> None:
+    """Shape and dtype first, then values: exact for integers, by the table for floats."""
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    if np.issubdtype(expected.dtype, np.integer) or expected.dtype == np.bool_:
+        np.testing.assert_array_equal(actual, expected, err_msg=what)
+    else:
+        np.testing.assert_allclose(actual, expected, err_msg=what, **TOLERANCE[str(expected.dtype)])
+
+
+def ort_run(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, inputs)
+
+
+def single_node_model(op: str, inputs: list[tuple[str, int, list]], output: tuple[str, int, list],
+                      initializers: dict[str, np.ndarray] | None = None, opset: int = 17,
+                      name: str = "node0", **attrs) -> onnx.ModelProto:
+    """A one-node graph: `inputs` are graph inputs (name, elem type, shape) before initializers."""
+    init_names = list(initializers or {})
+    node = helper.make_node(op, [i[0] for i in inputs] + init_names, [output[0]], name=name,
+                            **attrs)
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info(*i) for i in inputs],
+        [helper.make_tensor_value_info(*output)],
+        [numpy_helper.from_array(v, k) for k, v in (initializers or {}).items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+@pytest.fixture
+def matmul_model(rng):
+    w = rng.standard_normal((32, 24)).astype(np.float32)
+    return single_node_model("MatMul", [("x", TensorProto.FLOAT, [4, 32])],
+                             ("y", TensorProto.FLOAT, [4, 24]), {"w": w}, name="fc")

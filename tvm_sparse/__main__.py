@@ -1,0 +1,5 @@
+"""`python -m tvm_sparse` is the `tvm-sparse` command."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,150 @@
+"""The `tvm-sparse` command line: thin wrappers over the Python API (imports stay lazy)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL = 1
+
+_EPILOG = """examples:
+  tvm-sparse inspect model.onnx
+  tvm-sparse compile model.onnx -o build/ --shape input=1,3,224,224
+  tvm-sparse run build/ --inputs inputs.npz --out outputs.npz
+"""
+
+
+def _shape_arg(text: str) -> tuple[str, list[int]]:
+    name, sep, dims = text.partition("=")
+    try:
+        if not sep or not name:
+            raise ValueError
+        return name, [int(d) for d in dims.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not NAME=D0,D1,... (e.g. input=1,3,224,224)") from None
+
+
+def _progress(start: float):
+    def on_phase(name: str) -> None:
+        print(f"  [{time.perf_counter() - start:6.1f}s] {name}", file=sys.stderr, flush=True)
+    return on_phase
+
+
+def cmd_inspect(args) -> int:
+    from .frontend.onnx import load_model
+    from .report import format_table, weight_layers
+
+    rows = weight_layers(load_model(args.model))
+    if args.json:
+        import json
+        print(json.dumps(rows, indent=2))
+    elif rows:
+        print(format_table(rows))
+    else:
+        print(f"{args.model}: no layer with a constant weight (MatMul, Gemm, Conv, LSTM, GRU, RNN)")
+    return 0
+
+
+def cmd_compile(args) -> int:
+    from . import compile as compile_model
+    from .report import format_table
+
+    start = time.perf_counter()
+    print(f"compiling {args.model} for target {args.target}", file=sys.stderr)
+    shapes = dict(args.shape) if args.shape else None
+    cm = compile_model(args.model, target=args.target, shapes=shapes, dump_ir=args.dump_ir,
+                       on_phase=_progress(start))
+    out = cm.save(args.output)
+    if cm.report:
+        print(format_table(cm.report))
+    print(f"wrote {out} ({time.perf_counter() - start:.1f}s)")
+    return 0
+
+
+def cmd_run(args) -> int:
+    import numpy as np
+
+    from .errors import InputError
+    from .runtime import load
+
+    cm = load(args.model_dir)
+    try:
+        with np.load(args.inputs) as data:
+            inputs = {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise InputError(f"--inputs {args.inputs}: no such file") from None
+    except Exception as err:
+        raise InputError(f"--inputs {args.inputs}: not a .npz file ({type(err).__name__})") from None
+    outputs = cm.run(inputs)
+    for name, value in zip(cm.outputs, outputs):
+        print(f"{name}: {value.dtype} {list(value.shape)}")
+    if args.out:
+        tmp = f"{args.out}.tmp-{os.getpid()}.npz"
+        np.savez(tmp, **dict(zip(cm.outputs, outputs)))
+        os.replace(tmp, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tvm-sparse",
+        description="Compile pruned and quantized ONNX models to fast TVM kernels for this CPU.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("inspect", help="show each weight layer's shape and sparsity",
+                       description="Print one row per weight (MatMul, Gemm, Conv, LSTM/GRU/RNN W "
+                       "and R): shape, fraction of zero elements, and fraction of all-zero blocks "
+                       "for block shapes RxC (R output rows x C reduction elements).")
+    p.add_argument("model", help="ONNX model file")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("compile", help="compile a model into a deployable directory",
+                       description="Import MODEL, optimise and schedule it, and write OUT_DIR "
+                       "with model.so (the library), model.json (inputs/outputs/target) and "
+                       "report.json (per-layer report). OUT_DIR is replaced atomically.")
+    p.add_argument("model", help="ONNX model file")
+    p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output directory")
+    p.add_argument("--target", default="host",
+                   help="'host' (this CPU, all cores; default) or an LLVM CPU name, e.g. znver4")
+    p.add_argument("--shape", action="append", type=_shape_arg, metavar="NAME=D0,D1,...",
+                   help="static shape of an input with dynamic dims (repeatable)")
+    p.add_argument("--dump-ir", metavar="DIR", help="write the IR after each pipeline phase")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("run", help="run a compiled model on inputs from a .npz file",
+                       description="Load OUT_DIR written by 'tvm-sparse compile', run it on the "
+                       "arrays of INPUTS.npz (one per model input, by name) and print or save "
+                       "the outputs.")
+    p.add_argument("model_dir", metavar="OUT_DIR", help="directory written by 'compile'")
+    p.add_argument("--inputs", required=True, metavar="INPUTS.npz", help="input arrays by name")
+    p.add_argument("--out", metavar="OUTPUTS.npz", help="save the outputs (by output name)")
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .errors import TvmSparseError
+
+    try:
+        return args.func(args)
+    except TvmSparseError as err:
+        print(f"tvm-sparse: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("tvm-sparse: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug of ours: one line unless debugging is asked for
+        if os.environ.get("TVM_SPARSE_DEBUG"):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(f"tvm-sparse: internal error: {type(err).__name__}: {first} "
+              "(set TVM_SPARSE_DEBUG=1 for a traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
