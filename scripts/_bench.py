@@ -1,0 +1,64 @@
+"""Timing helpers shared by the benchmark scripts: ORT and TVM timed in separate phases."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+
+def ort_session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+
+
+def time_ort(sess: ort.InferenceSession, inputs: dict, min_seconds: float = 1.0,
+             repeat: int = 5) -> float:
+    """Median over `repeat` batches of the mean seconds per run (batches last >= min/repeat s)."""
+    for _ in range(3):
+        sess.run(None, inputs)
+    start = time.perf_counter()
+    sess.run(None, inputs)
+    once = max(time.perf_counter() - start, 1e-6)
+    number = max(1, int(min_seconds / repeat / once))
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for _ in range(number):
+            sess.run(None, inputs)
+        samples.append((time.perf_counter() - start) / number)
+    return statistics.median(samples)
+
+
+def time_tvm(compiled, inputs: dict, min_seconds: float = 1.0, repeat: int = 5) -> float:
+    compiled.run(inputs)
+    return compiled.time(inputs, number=1, repeat=repeat,
+                         min_repeat_ms=int(1000 * min_seconds / repeat))
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {len(os.sched_getaffinity(0))} cores, {platform.python_version()}"
+
+
+def fmt_ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f}" if seconds < 0.01 else f"{seconds * 1e3:.2f}"
+
+
+def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+    from tvm_sparse.frontend.onnx import input_specs, random_inputs as make
+
+    return make(input_specs(model), seed)
