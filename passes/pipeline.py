@@ -9,7 +9,6 @@ import tvm
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 from tvm.s_tir import dlight as dl
-
 from tvm_sparse.schedules import default_rules
 
 from .rewrite_conv1x1_to_matmul import RewriteConv1x1ToMatmul

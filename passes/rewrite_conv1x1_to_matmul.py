@@ -24,9 +24,13 @@ def _is_pointwise(call: relax.Call) -> bool:
     if dshape is None or any(not isinstance(d, tvm.tirx.IntImm) for d in dshape.values):
         return False
     return (
-        attrs.data_layout == "NCHW" and attrs.kernel_layout == "OIHW"
-        and attrs.out_layout in ("", "NCHW") and wshape[2:] == [1, 1] and attrs.groups == 1
-        and all(int(s) == 1 for s in attrs.strides) and all(int(p) == 0 for p in attrs.padding)
+        attrs.data_layout == "NCHW"
+        and attrs.kernel_layout == "OIHW"
+        and attrs.out_layout in ("", "NCHW")
+        and wshape[2:] == [1, 1]
+        and attrs.groups == 1
+        and all(int(s) == 1 for s in attrs.strides)
+        and all(int(p) == 0 for p in attrs.padding)
         and all(int(d) == 1 for d in attrs.dilation)
         and (not attrs.out_dtype or attrs.out_dtype == data.ty.dtype)
     )
@@ -34,8 +38,18 @@ def _is_pointwise(call: relax.Call) -> bool:
 
 # Elementwise ops that commute with the [1, C, H, W] <-> [C, H*W] reshape when their other
 # operand is a per-channel or scalar constant; sinking them lets FuseOps fuse them into the matmul.
-_SINKABLE = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum",
-             "relax.minimum", "relax.nn.relu", "relax.clip", "relax.sigmoid", "relax.tanh")
+_SINKABLE = (
+    "relax.add",
+    "relax.subtract",
+    "relax.multiply",
+    "relax.divide",
+    "relax.maximum",
+    "relax.minimum",
+    "relax.nn.relu",
+    "relax.clip",
+    "relax.sigmoid",
+    "relax.tanh",
+)
 
 
 def _per_channel(const, channels: int) -> relax.Expr | None:
@@ -43,8 +57,11 @@ def _per_channel(const, channels: int) -> relax.Expr | None:
     value = constant_value(const)
     if value.size == 1:
         return const
-    if value.size == channels and value.ndim >= 3 and value.shape[-2:] == (1, 1) and (
-        value.ndim == 3 or value.shape[0] == 1
+    if (
+        value.size == channels
+        and value.ndim >= 3
+        and value.shape[-2:] == (1, 1)
+        and (value.ndim == 3 or value.shape[0] == 1)
     ):
         return relax.const(value.reshape(channels, 1))
     return None

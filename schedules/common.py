@@ -5,8 +5,14 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import SBlockInfo, normalize_prim_func
 
-__all__ = ["SBlockInfo", "normalize_prim_func", "const_extent", "inline_spatial_producers",
-           "vector_width", "schedule_leftover"]
+__all__ = [
+    "SBlockInfo",
+    "normalize_prim_func",
+    "const_extent",
+    "inline_spatial_producers",
+    "vector_width",
+    "schedule_leftover",
+]
 
 # Work below this many output elements is not worth waking the thread pool for (~2-5 us).
 PARALLEL_MIN_ELEMS = 16384

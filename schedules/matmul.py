@@ -78,8 +78,11 @@ class Matmul(dl.ScheduleRule):
         red, _ = _find_contraction(sch)
         if red is None:
             return None
-        m, n = (const_extent(it.dom) for it in red.iters[-3:-1]) if len(red.iters) > 2 else (
-            1, const_extent(red.iters[0].dom))
+        m, n = (
+            (const_extent(it.dom) for it in red.iters[-3:-1])
+            if len(red.iters) > 2
+            else (1, const_extent(red.iters[0].dom))
+        )
         if m is None or n is None:
             return None
         block_rv = red.block_rv

@@ -16,12 +16,12 @@ def ort_session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def time_ort(sess: ort.InferenceSession, inputs: dict, min_seconds: float = 1.0,
-             repeat: int = 5) -> float:
+def time_ort(
+    sess: ort.InferenceSession, inputs: dict, min_seconds: float = 1.0, repeat: int = 5
+) -> float:
     """Median over `repeat` batches of the mean seconds per run (batches last >= min/repeat s)."""
     for _ in range(3):
         sess.run(None, inputs)
@@ -40,8 +40,9 @@ def time_ort(sess: ort.InferenceSession, inputs: dict, min_seconds: float = 1.0,
 
 def time_tvm(compiled, inputs: dict, min_seconds: float = 1.0, repeat: int = 5) -> float:
     compiled.run(inputs)
-    return compiled.time(inputs, number=1, repeat=repeat,
-                         min_repeat_ms=int(1000 * min_seconds / repeat))
+    return compiled.time(
+        inputs, number=1, repeat=repeat, min_repeat_ms=int(1000 * min_seconds / repeat)
+    )
 
 
 def machine() -> str:
@@ -59,6 +60,7 @@ def fmt_ms(seconds: float) -> str:
 
 
 def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
-    from tvm_sparse.frontend.onnx import input_specs, random_inputs as make
+    from tvm_sparse.frontend.onnx import input_specs
+    from tvm_sparse.frontend.onnx import random_inputs as make
 
     return make(input_specs(model), seed)

@@ -26,10 +26,12 @@ from tvm_sparse.target import num_cores  # noqa: E402
 def matmul(m=64, k=1024, n=1024):
     w = np.random.default_rng(0).standard_normal((k, n)).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"], name="matmul")], "matmul",
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="matmul")],
+        "matmul",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
-        [numpy_helper.from_array(w, "w")])
+        [numpy_helper.from_array(w, "w")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
@@ -43,8 +45,9 @@ CASES = {
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="shorter timing (noisier)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
@@ -62,15 +65,24 @@ def main() -> int:
         err = float(np.max(np.abs(out - ref)))
         t_ort = time_ort(sess, inputs, seconds)  # separate phases: thread pools spin
         t_tvm = time_tvm(compiled, inputs, seconds)
-        rows.append({"case": name, "ort_s": t_ort, "tvm_s": t_tvm, "ratio": t_tvm / t_ort,
-                     "max_abs_err": err})
+        rows.append(
+            {
+                "case": name,
+                "ort_s": t_ort,
+                "tvm_s": t_tvm,
+                "ratio": t_tvm / t_ort,
+                "max_abs_err": err,
+            }
+        )
         print(f"[{name}] ORT {fmt_ms(t_ort)} ms, tvm-sparse {fmt_ms(t_tvm)} ms", file=sys.stderr)
     print(f"\nMeasured {datetime.date.today()} on {machine()}, {threads} threads each")
     print("| case | ONNX Runtime (ms) | tvm-sparse untuned (ms) | ratio (tvm/ORT) | max abs err |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['case']} | {fmt_ms(r['ort_s'])} | {fmt_ms(r['tvm_s'])} | "
-              f"{r['ratio']:.2f} | {r['max_abs_err']:.1e} |")
+        print(
+            f"| {r['case']} | {fmt_ms(r['ort_s'])} | {fmt_ms(r['tvm_s'])} | "
+            f"{r['ratio']:.2f} | {r['max_abs_err']:.1e} |"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

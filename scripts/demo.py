@@ -1,4 +1,4 @@
-"""Demo: pruned LSTM and pruned CNN -> ONNX -> `tvm-sparse compile` -> `tvm-sparse run` -> ORT check."""
+"""Demo: pruned LSTM and CNN as ONNX -> `tvm-sparse compile` -> `tvm-sparse run` -> ORT check."""
 
 from __future__ import annotations
 
@@ -19,8 +19,17 @@ CLI = [sys.executable, "-m", "tvm_sparse"]
 def _models() -> dict[str, tuple[onnx.ModelProto, tuple[int, ...]]]:
     return {
         "lstm_pruned90": (
-            examples.lstm(seq_len=20, batch=1, input_size=128, hidden=256, layers=2,
-                          bidirectional=True, sparsity=0.9, block=(16, 1), seed=1),
+            examples.lstm(
+                seq_len=20,
+                batch=1,
+                input_size=128,
+                hidden=256,
+                layers=2,
+                bidirectional=True,
+                sparsity=0.9,
+                block=(16, 1),
+                seed=1,
+            ),
             (20, 1, 128),
         ),
         "mobilenet_pruned80": (
@@ -31,7 +40,7 @@ def _models() -> dict[str, tuple[onnx.ModelProto, tuple[int, ...]]]:
 
 
 def _sh(*cmd: str) -> None:
-    print("$ tvm-sparse " + " ".join(cmd[len(CLI):]), flush=True)
+    print("$ tvm-sparse " + " ".join(cmd[len(CLI) :]), flush=True)
     if subprocess.run(cmd).returncode:
         raise SystemExit(f"demo: 'tvm-sparse {cmd[len(CLI)]}' failed (see above)")
 
@@ -56,7 +65,8 @@ def main() -> int:
         _sh(*CLI, "run", build, "--inputs", inputs, "--out", outputs)
         ours = np.load(outputs)[model.graph.output[0].name]
         ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(
-            None, {"input": x})[0]
+            None, {"input": x}
+        )[0]
         err = float(np.max(np.abs(ours - ref)))
         ok = np.allclose(ours, ref, rtol=1e-4, atol=1e-4)
         failures += not ok

@@ -28,17 +28,27 @@ def ort_run(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> list[np.nd
     return sess.run(None, inputs)
 
 
-def single_node_model(op: str, inputs: list[tuple[str, int, list]], output: tuple[str, int, list],
-                      initializers: dict[str, np.ndarray] | None = None, opset: int = 17,
-                      name: str = "node0", **attrs) -> onnx.ModelProto:
+def single_node_model(
+    op: str,
+    inputs: list[tuple[str, int, list]],
+    output: tuple[str, int, list],
+    initializers: dict[str, np.ndarray] | None = None,
+    opset: int = 17,
+    name: str = "node0",
+    **attrs,
+) -> onnx.ModelProto:
     """A one-node graph: `inputs` are graph inputs (name, elem type, shape) before initializers."""
     init_names = list(initializers or {})
-    node = helper.make_node(op, [i[0] for i in inputs] + init_names, [output[0]], name=name,
-                            **attrs)
+    node = helper.make_node(
+        op, [i[0] for i in inputs] + init_names, [output[0]], name=name, **attrs
+    )
     graph = helper.make_graph(
-        [node], "g", [helper.make_tensor_value_info(*i) for i in inputs],
+        [node],
+        "g",
+        [helper.make_tensor_value_info(*i) for i in inputs],
         [helper.make_tensor_value_info(*output)],
-        [numpy_helper.from_array(v, k) for k, v in (initializers or {}).items()])
+        [numpy_helper.from_array(v, k) for k, v in (initializers or {}).items()],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
     return model
@@ -52,5 +62,10 @@ def rng():
 @pytest.fixture
 def matmul_model(rng):
     w = rng.standard_normal((32, 24)).astype(np.float32)
-    return single_node_model("MatMul", [("x", TensorProto.FLOAT, [4, 32])],
-                             ("y", TensorProto.FLOAT, [4, 24]), {"w": w}, name="fc")
+    return single_node_model(
+        "MatMul",
+        [("x", TensorProto.FLOAT, [4, 32])],
+        ("y", TensorProto.FLOAT, [4, 24]),
+        {"w": w},
+        name="fc",
+    )

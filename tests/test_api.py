@@ -35,15 +35,27 @@ def test_save_load_roundtrip(tmp_path, matmul_model, rng):
     assert_close(loaded.run({"x": x})[0], cm.run({"x": x})[0])
     assert loaded.report == cm.report
     assert sorted(p.name for p in (tmp_path / "build").iterdir()) == [
-        "model.json", "model.so", "report.json"]
+        "model.json",
+        "model.so",
+        "report.json",
+    ]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tvm-sparse")]
 
 
-@pytest.mark.parametrize("inputs, message", [
-    ({"nope": np.zeros((4, 32), np.float32)}, "missing \\['x'\\], unknown \\['nope'\\]"),
-    ({"x": np.zeros((4, 31), np.float32)}, "input 'x': expected float32 \\[4, 32\\], got float32 \\[4, 31\\]"),
-    ({"x": np.zeros((4, 32), np.float64)}, "input 'x': expected float32 \\[4, 32\\], got float64"),
-])
+@pytest.mark.parametrize(
+    "inputs, message",
+    [
+        ({"nope": np.zeros((4, 32), np.float32)}, "missing \\['x'\\], unknown \\['nope'\\]"),
+        (
+            {"x": np.zeros((4, 31), np.float32)},
+            "input 'x': expected float32 \\[4, 32\\], got float32 \\[4, 31\\]",
+        ),
+        (
+            {"x": np.zeros((4, 32), np.float64)},
+            "input 'x': expected float32 \\[4, 32\\], got float64",
+        ),
+    ],
+)
 def test_run_rejects_bad_inputs(matmul_model, inputs, message):
     cm = tvm_sparse.compile(matmul_model)
     with pytest.raises(InputError, match=message):
@@ -52,8 +64,12 @@ def test_run_rejects_bad_inputs(matmul_model, inputs, message):
 
 def test_dynamic_dims_need_shapes(rng):
     w = rng.standard_normal((8, 3)).astype(np.float32)
-    model = single_node_model("MatMul", [("x", TensorProto.FLOAT, ["batch", 8])],
-                              ("y", TensorProto.FLOAT, ["batch", 3]), {"w": w})
+    model = single_node_model(
+        "MatMul",
+        [("x", TensorProto.FLOAT, ["batch", 8])],
+        ("y", TensorProto.FLOAT, ["batch", 3]),
+        {"w": w},
+    )
     with pytest.raises(ShapeError, match="input 'x' has dynamic dims \\['batch', 8\\]"):
         tvm_sparse.compile(model)
     cm = tvm_sparse.compile(model, shapes={"x": [5, 8]})
@@ -67,8 +83,13 @@ def test_shapes_for_unknown_input_is_an_error(matmul_model):
 
 
 def test_unsupported_op_names_node_op_and_opset():
-    model = single_node_model("Hardmax", [("x", TensorProto.FLOAT, [2, 3])],
-                              ("y", TensorProto.FLOAT, [2, 3]), name="hm", opset=13)
+    model = single_node_model(
+        "Hardmax",
+        [("x", TensorProto.FLOAT, [2, 3])],
+        ("y", TensorProto.FLOAT, [2, 3]),
+        name="hm",
+        opset=13,
+    )
     model.graph.node[0].op_type = "NoSuchOp"
     with pytest.raises(UnsupportedOpError, match="node 'hm' \\(NoSuchOp, opset 13\\)"):
         tvm_sparse.compile(model)
@@ -80,8 +101,9 @@ def test_other_importer_users_do_not_see_our_converters():
 
     from tvm_sparse.frontend.onnx import _extra_converters
 
-    tvm_sparse.compile(single_node_model("Relu", [("x", TensorProto.FLOAT, [2])],
-                                         ("y", TensorProto.FLOAT, [2])))
+    tvm_sparse.compile(
+        single_node_model("Relu", [("x", TensorProto.FLOAT, [2])], ("y", TensorProto.FLOAT, [2]))
+    )
     ours = _extra_converters()
     assert {"LSTM", "GRU", "RNN", "QLinearConv", "QLinearMatMul", "ConvInteger"} <= set(ours)
     table = onnx_frontend._get_convert_map()

@@ -13,8 +13,13 @@ from onnx import TensorProto
 
 
 def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tvm_sparse", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "tvm_sparse", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+    )
 
 
 def assert_clean_failure(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -48,8 +53,9 @@ def test_inspect_compile_run(tmp_path, model_file, rng):
     assert (tmp_path / "build" / "report.json").exists()
     x = rng.standard_normal((4, 32)).astype(np.float32)
     np.savez(tmp_path / "in.npz", x=x)
-    result = cli("run", tmp_path / "build", "--inputs", tmp_path / "in.npz", "--out",
-                 tmp_path / "out.npz")
+    result = cli(
+        "run", tmp_path / "build", "--inputs", tmp_path / "in.npz", "--out", tmp_path / "out.npz"
+    )
     assert result.returncode == 0, result.stderr
     w = onnx.numpy_helper.to_array(onnx.load(model_file).graph.initializer[0])
     np.testing.assert_allclose(np.load(tmp_path / "out.npz")["y"], x @ w, rtol=1e-4, atol=1e-4)
@@ -64,19 +70,28 @@ def test_not_an_onnx_file(tmp_path):
 
 
 def test_unsupported_op(tmp_path):
-    model = single_node_model("Relu", [("x", TensorProto.FLOAT, [2])],
-                              ("y", TensorProto.FLOAT, [2]), name="weird", opset=15)
+    model = single_node_model(
+        "Relu",
+        [("x", TensorProto.FLOAT, [2])],
+        ("y", TensorProto.FLOAT, [2]),
+        name="weird",
+        opset=15,
+    )
     model.graph.node[0].op_type = "FancyOp"
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
-    assert_clean_failure(cli("compile", path, "-o", tmp_path / "o"), "'weird'", "FancyOp",
-                         "opset 15")
+    assert_clean_failure(
+        cli("compile", path, "-o", tmp_path / "o"), "'weird'", "FancyOp", "opset 15"
+    )
 
 
 def test_missing_shapes_for_dynamic_dims(tmp_path, rng):
-    model = single_node_model("MatMul", [("x", TensorProto.FLOAT, ["n", 8])],
-                              ("y", TensorProto.FLOAT, ["n", 3]),
-                              {"w": rng.standard_normal((8, 3)).astype(np.float32)})
+    model = single_node_model(
+        "MatMul",
+        [("x", TensorProto.FLOAT, ["n", 8])],
+        ("y", TensorProto.FLOAT, ["n", 3]),
+        {"w": rng.standard_normal((8, 3)).astype(np.float32)},
+    )
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
     assert_clean_failure(cli("compile", path, "-o", tmp_path / "o"), "'x'", "--shape")
@@ -85,11 +100,14 @@ def test_missing_shapes_for_dynamic_dims(tmp_path, rng):
     assert result.returncode == 2 and "NAME=D0,D1" in result.stderr
 
 
-@pytest.mark.parametrize("arrays, fragment", [
-    ({"nope": np.zeros((4, 32), np.float32)}, "missing ['x']"),
-    ({"x": np.zeros((4, 3), np.float32)}, "input 'x': expected float32 [4, 32]"),
-    ({"x": np.zeros((4, 32), np.int64)}, "got int64"),
-])
+@pytest.mark.parametrize(
+    "arrays, fragment",
+    [
+        ({"nope": np.zeros((4, 32), np.float32)}, "missing ['x']"),
+        ({"x": np.zeros((4, 3), np.float32)}, "input 'x': expected float32 [4, 32]"),
+        ({"x": np.zeros((4, 32), np.int64)}, "got int64"),
+    ],
+)
 def test_run_with_wrong_inputs(tmp_path, model_file, arrays, fragment):
     assert cli("compile", model_file, "-o", tmp_path / "build").returncode == 0
     np.savez(tmp_path / "in.npz", **arrays)

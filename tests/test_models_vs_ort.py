@@ -16,10 +16,12 @@ MODELS = {
     "resnet_small_64": lambda: examples.resnet(size=64, stages=(16, 32, 64, 128), seed=5),
     "resnet18_like_112": lambda: examples.resnet(size=112, seed=6),
     "lstm_T50_I256_H512": lambda: examples.lstm(50, 1, 256, 512, seed=7),
-    "lstm_bidir_T30_B2_I128_H256": lambda: examples.lstm(30, 2, 128, 256, bidirectional=True,
-                                                          seed=8),
-    "lstm_stacked_bidir_2x": lambda: examples.lstm(20, 1, 128, 256, layers=2,
-                                                    bidirectional=True, seed=9),
+    "lstm_bidir_T30_B2_I128_H256": lambda: examples.lstm(
+        30, 2, 128, 256, bidirectional=True, seed=8
+    ),
+    "lstm_stacked_bidir_2x": lambda: examples.lstm(
+        20, 1, 128, 256, layers=2, bidirectional=True, seed=9
+    ),
     "lstm_stacked_3x_H512": lambda: examples.lstm(25, 1, 256, 512, layers=3, seed=10),
 }
 

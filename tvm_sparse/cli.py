@@ -25,12 +25,14 @@ def _shape_arg(text: str) -> tuple[str, list[int]]:
         return name, [int(d) for d in dims.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"'{text}' is not NAME=D0,D1,... (e.g. input=1,3,224,224)") from None
+            f"'{text}' is not NAME=D0,D1,... (e.g. input=1,3,224,224)"
+        ) from None
 
 
 def _progress(start: float):
     def on_phase(name: str) -> None:
         print(f"  [{time.perf_counter() - start:6.1f}s] {name}", file=sys.stderr, flush=True)
+
     return on_phase
 
 
@@ -41,6 +43,7 @@ def cmd_inspect(args) -> int:
     rows = weight_layers(load_model(args.model))
     if args.json:
         import json
+
         print(json.dumps(rows, indent=2))
     elif rows:
         print(format_table(rows))
@@ -56,8 +59,13 @@ def cmd_compile(args) -> int:
     start = time.perf_counter()
     print(f"compiling {args.model} for target {args.target}", file=sys.stderr)
     shapes = dict(args.shape) if args.shape else None
-    cm = compile_model(args.model, target=args.target, shapes=shapes, dump_ir=args.dump_ir,
-                       on_phase=_progress(start))
+    cm = compile_model(
+        args.model,
+        target=args.target,
+        shapes=shapes,
+        dump_ir=args.dump_ir,
+        on_phase=_progress(start),
+    )
     out = cm.save(args.output)
     if cm.report:
         print(format_table(cm.report))
@@ -78,7 +86,9 @@ def cmd_run(args) -> int:
     except FileNotFoundError:
         raise InputError(f"--inputs {args.inputs}: no such file") from None
     except Exception as err:
-        raise InputError(f"--inputs {args.inputs}: not a .npz file ({type(err).__name__})") from None
+        raise InputError(
+            f"--inputs {args.inputs}: not a .npz file ({type(err).__name__})"
+        ) from None
     outputs = cm.run(inputs)
     for name, value in zip(cm.outputs, outputs):
         print(f"{name}: {value.dtype} {list(value.shape)}")
@@ -94,34 +104,53 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tvm-sparse",
         description="Compile pruned and quantized ONNX models to fast TVM kernels for this CPU.",
-        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("inspect", help="show each weight layer's shape and sparsity",
-                       description="Print one row per weight (MatMul, Gemm, Conv, LSTM/GRU/RNN W "
-                       "and R): shape, fraction of zero elements, and fraction of all-zero blocks "
-                       "for block shapes RxC (R output rows x C reduction elements).")
+    p = sub.add_parser(
+        "inspect",
+        help="show each weight layer's shape and sparsity",
+        description="Print one row per weight (MatMul, Gemm, Conv, LSTM/GRU/RNN W "
+        "and R): shape, fraction of zero elements, and fraction of all-zero blocks "
+        "for block shapes RxC (R output rows x C reduction elements).",
+    )
     p.add_argument("model", help="ONNX model file")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("compile", help="compile a model into a deployable directory",
-                       description="Import MODEL, optimise and schedule it, and write OUT_DIR "
-                       "with model.so (the library), model.json (inputs/outputs/target) and "
-                       "report.json (per-layer report). OUT_DIR is replaced atomically.")
+    p = sub.add_parser(
+        "compile",
+        help="compile a model into a deployable directory",
+        description="Import MODEL, optimise and schedule it, and write OUT_DIR "
+        "with model.so (the library), model.json (inputs/outputs/target) and "
+        "report.json (per-layer report). OUT_DIR is replaced atomically.",
+    )
     p.add_argument("model", help="ONNX model file")
     p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output directory")
-    p.add_argument("--target", default="host",
-                   help="'host' (this CPU, all cores; default) or an LLVM CPU name, e.g. znver4")
-    p.add_argument("--shape", action="append", type=_shape_arg, metavar="NAME=D0,D1,...",
-                   help="static shape of an input with dynamic dims (repeatable)")
+    p.add_argument(
+        "--target",
+        default="host",
+        help="'host' (this CPU, all cores; default) or an LLVM CPU name, e.g. znver4",
+    )
+    p.add_argument(
+        "--shape",
+        action="append",
+        type=_shape_arg,
+        metavar="NAME=D0,D1,...",
+        help="static shape of an input with dynamic dims (repeatable)",
+    )
     p.add_argument("--dump-ir", metavar="DIR", help="write the IR after each pipeline phase")
     p.set_defaults(func=cmd_compile)
 
-    p = sub.add_parser("run", help="run a compiled model on inputs from a .npz file",
-                       description="Load OUT_DIR written by 'tvm-sparse compile', run it on the "
-                       "arrays of INPUTS.npz (one per model input, by name) and print or save "
-                       "the outputs.")
+    p = sub.add_parser(
+        "run",
+        help="run a compiled model on inputs from a .npz file",
+        description="Load OUT_DIR written by 'tvm-sparse compile', run it on the "
+        "arrays of INPUTS.npz (one per model input, by name) and print or save "
+        "the outputs.",
+    )
     p.add_argument("model_dir", metavar="OUT_DIR", help="directory written by 'compile'")
     p.add_argument("--inputs", required=True, metavar="INPUTS.npz", help="input arrays by name")
     p.add_argument("--out", metavar="OUTPUTS.npz", help="save the outputs (by output name)")
@@ -145,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("TVM_SPARSE_DEBUG"):
             raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        print(f"tvm-sparse: internal error: {type(err).__name__}: {first} "
-              "(set TVM_SPARSE_DEBUG=1 for a traceback)", file=sys.stderr)
+        print(
+            f"tvm-sparse: internal error: {type(err).__name__}: {first} "
+            "(set TVM_SPARSE_DEBUG=1 for a traceback)",
+            file=sys.stderr,
+        )
         return EXIT_INTERNAL

@@ -61,13 +61,20 @@ class _Graph:
 
     def conv(self, x, cin, cout, k, stride=1, group=1, relu=True, sparsity=0.0, block=(1, 1)):
         fan_in = cin // group * k * k
-        w = (self.rng.standard_normal((cout, cin // group, k, k)) * np.sqrt(2.0 / fan_in))
+        w = self.rng.standard_normal((cout, cin // group, k, k)) * np.sqrt(2.0 / fan_in)
         w = w.astype(np.float32)
         if sparsity and group == 1:
             w = prune_weight("Conv", w, sparsity, block)
         b = (self.rng.standard_normal(cout) * 0.05).astype(np.float32)
-        y = self.node("Conv", [x, self.const(w, "w"), self.const(b, "b")], "conv",
-                      kernel_shape=[k, k], strides=[stride, stride], pads=[k // 2] * 4, group=group)
+        y = self.node(
+            "Conv",
+            [x, self.const(w, "w"), self.const(b, "b")],
+            "conv",
+            kernel_shape=[k, k],
+            strides=[stride, stride],
+            pads=[k // 2] * 4,
+            group=group,
+        )
         return self.node("Relu", [y], "relu") if relu else y
 
     def model(self, inputs, outputs, name: str) -> onnx.ModelProto:
@@ -78,12 +85,21 @@ class _Graph:
         return model
 
 
-MOBILENET_V1 = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2)] + [(512, 1)] * 5 + [
-    (1024, 2), (1024, 1)]
+MOBILENET_V1 = (
+    [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2)]
+    + [(512, 1)] * 5
+    + [(1024, 2), (1024, 1)]
+)
 
 
-def mobilenet_v1(size: int = 224, width: float = 1.0, classes: int = 1000, sparsity: float = 0.0,
-                 block=(1, 1), seed: int = 0) -> onnx.ModelProto:
+def mobilenet_v1(
+    size: int = 224,
+    width: float = 1.0,
+    classes: int = 1000,
+    sparsity: float = 0.0,
+    block=(1, 1),
+    seed: int = 0,
+) -> onnx.ModelProto:
     """MobileNet-v1 topology (3x3 stem, 13 depthwise-separable blocks, pool, FC).
 
     `sparsity` prunes the pointwise (1x1) convs and the FC, the layers that carry ~95 % of the
@@ -109,9 +125,15 @@ def mobilenet_v1(size: int = 224, width: float = 1.0, classes: int = 1000, spars
     return g.model([x_info], [y_info], "mobilenet_v1_like")
 
 
-def resnet(size: int = 224, stages=(64, 128, 256, 512), blocks_per_stage: int = 2,
-           classes: int = 1000, sparsity: float = 0.0, block=(1, 1), seed: int = 0
-           ) -> onnx.ModelProto:
+def resnet(
+    size: int = 224,
+    stages=(64, 128, 256, 512),
+    blocks_per_stage: int = 2,
+    classes: int = 1000,
+    sparsity: float = 0.0,
+    block=(1, 1),
+    seed: int = 0,
+) -> onnx.ModelProto:
     """ResNet-18-like topology (7x7 stem without max-pool, basic blocks with residual Add)."""
     g = _Graph(seed)
     ch = stages[0]
@@ -121,23 +143,38 @@ def resnet(size: int = 224, stages=(64, 128, 256, 512), blocks_per_stage: int = 
             stride = 2 if (b == 0 and s > 0) else 1
             h = g.conv(y, ch, cout, 3, stride=stride, sparsity=sparsity, block=block)
             h = g.conv(h, cout, cout, 3, relu=False, sparsity=sparsity, block=block)
-            skip = y if (stride == 1 and ch == cout) else g.conv(
-                y, ch, cout, 1, stride=stride, relu=False, sparsity=sparsity, block=block)
+            skip = (
+                y
+                if (stride == 1 and ch == cout)
+                else g.conv(
+                    y, ch, cout, 1, stride=stride, relu=False, sparsity=sparsity, block=block
+                )
+            )
             y = g.node("Relu", [g.node("Add", [h, skip], "add")], "relu")
             ch = cout
     y = g.node("GlobalAveragePool", [y], "pool")
     y = g.node("Flatten", [y], "flatten", axis=1)
     w = (g.rng.standard_normal((classes, ch)) / np.sqrt(ch)).astype(np.float32)
-    y = g.node("Gemm", [y, g.const(w, "w"), g.const(np.zeros(classes, np.float32), "b")], "fc",
-               transB=1)
+    y = g.node(
+        "Gemm", [y, g.const(w, "w"), g.const(np.zeros(classes, np.float32), "b")], "fc", transB=1
+    )
     x_info = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, size, size])
     y_info = helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, classes])
     return g.model([x_info], [y_info], "resnet_like")
 
 
-def lstm(seq_len: int = 100, batch: int = 1, input_size: int = 512, hidden: int = 1024,
-         layers: int = 1, bidirectional: bool = False, sparsity: float = 0.0, block=(1, 1),
-         gate_sparsity: dict[str, float] | None = None, seed: int = 0) -> onnx.ModelProto:
+def lstm(
+    seq_len: int = 100,
+    batch: int = 1,
+    input_size: int = 512,
+    hidden: int = 1024,
+    layers: int = 1,
+    bidirectional: bool = False,
+    sparsity: float = 0.0,
+    block=(1, 1),
+    gate_sparsity: dict[str, float] | None = None,
+    seed: int = 0,
+) -> onnx.ModelProto:
     """Stacked ONNX LSTM layers (layout 0: X is [T, B, I]); Y of the last layer is the output.
 
     `gate_sparsity` prunes gates selectively (keys i, o, f, c) and overrides `sparsity`: seed
@@ -157,9 +194,16 @@ def lstm(seq_len: int = 100, batch: int = 1, input_size: int = 512, hidden: int 
             r[:, rows] = prune_weight("LSTM", r[:, rows], gates[gate], block)
         b = g.rng.uniform(-scale, scale, (dirs, 8 * hidden)).astype(np.float32)
         y = g.name("lstm")
-        g.nodes.append(helper.make_node(
-            "LSTM", [x, g.const(w, "W"), g.const(r, "R"), g.const(b, "B")], [y], name=y,
-            hidden_size=hidden, direction="bidirectional" if bidirectional else "forward"))
+        g.nodes.append(
+            helper.make_node(
+                "LSTM",
+                [x, g.const(w, "W"), g.const(r, "R"), g.const(b, "B")],
+                [y],
+                name=y,
+                hidden_size=hidden,
+                direction="bidirectional" if bidirectional else "forward",
+            )
+        )
         # Y is [T, dirs, B, H]: fold directions into features for the next layer.
         y = g.node("Transpose", [y], "tr", perm=[0, 2, 1, 3])
         shape = g.const(np.array([seq_len, batch, dirs * hidden], np.int64), "shape")

@@ -10,8 +10,16 @@ from .sparsity import as_out_in, weight_stats
 
 # Input positions of the weight tensors of each weight-carrying op.
 WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
-    "MatMul": (1,), "Gemm": (1,), "Conv": (1,), "MatMulInteger": (1,), "ConvInteger": (1,),
-    "QLinearMatMul": (3,), "QLinearConv": (3,), "LSTM": (1, 2), "GRU": (1, 2), "RNN": (1, 2),
+    "MatMul": (1,),
+    "Gemm": (1,),
+    "Conv": (1,),
+    "MatMulInteger": (1,),
+    "ConvInteger": (1,),
+    "QLinearMatMul": (3,),
+    "QLinearConv": (3,),
+    "LSTM": (1, 2),
+    "GRU": (1, 2),
+    "RNN": (1, 2),
 }
 _WEIGHT_NAMES = {"LSTM": ("W", "R"), "GRU": ("W", "R"), "RNN": ("W", "R")}
 
@@ -33,7 +41,9 @@ def _io_shapes(model: onnx.ModelProto) -> dict[str, list]:
     g = inferred.graph
     for v in list(g.input) + list(g.value_info) + list(g.output):
         dims = v.type.tensor_type.shape.dim
-        shapes[v.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+        shapes[v.name] = [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims
+        ]
     return shapes
 
 
@@ -55,13 +65,15 @@ def weight_layers(model: onnx.ModelProto) -> list[dict]:
                     continue
                 stats = weight_stats(as_out_in(node.op_type, w, trans_b))
                 weights[label] = {"shape": list(w.shape), **stats}
-        rows.append({
-            "op": node.op_type,
-            "name": node.name or f"{node.op_type}_{i}",
-            "input_shape": shapes.get(node.input[0]),
-            "output_shape": shapes.get(node.output[0]),
-            "weights": weights,
-        })
+        rows.append(
+            {
+                "op": node.op_type,
+                "name": node.name or f"{node.op_type}_{i}",
+                "input_shape": shapes.get(node.input[0]),
+                "output_shape": shapes.get(node.output[0]),
+                "weights": weights,
+            }
+        )
     return rows
 
 
@@ -82,7 +94,11 @@ def format_table(rows: list[dict], blocks=("1x4", "4x1", "16x1", "8x8")) -> str:
             if with_kernel:
                 cells.append(row.get("kernel", "-"))
             lines.append(cells)
-    widths = [max(len(str(c)) for c in col) for col in zip(head, *lines)] if lines else [len(h) for h in head]
+    widths = (
+        [max(len(str(c)) for c in col) for col in zip(head, *lines)]
+        if lines
+        else [len(h) for h in head]
+    )
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     out = [fmt.format(*head), fmt.format(*["-" * w for w in widths])]
     out += [fmt.format(*map(str, cells)) for cells in lines]

@@ -51,8 +51,14 @@ def _flatten(value) -> list[np.ndarray]:
 class CompiledModel:
     """A built model bound to the CPU: ``run`` it, ``save`` it, read its ``report``."""
 
-    def __init__(self, executable, inputs: list[InputSpec], outputs: list[str], report: list[dict],
-                 target: str):
+    def __init__(
+        self,
+        executable,
+        inputs: list[InputSpec],
+        outputs: list[str],
+        report: list[dict],
+        target: str,
+    ):
         self._executable = executable
         self._vm = relax.VirtualMachine(executable, tvm.cpu())
         self.inputs = list(inputs)
@@ -85,11 +91,17 @@ class CompiledModel:
         """Run once; returns the graph outputs in graph order."""
         return _flatten(self._vm["main"](*self._arguments(inputs)))
 
-    def time(self, inputs: Mapping[str, np.ndarray], number: int = 10, repeat: int = 5,
-             min_repeat_ms: int = 100) -> float:
+    def time(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        number: int = 10,
+        repeat: int = 5,
+        min_repeat_ms: int = 100,
+    ) -> float:
         """Median seconds per run, measured by TVM's time evaluator (no Python in the loop)."""
-        timer = self._vm.time_evaluator("main", tvm.cpu(), number=number, repeat=repeat,
-                                        min_repeat_ms=min_repeat_ms)
+        timer = self._vm.time_evaluator(
+            "main", tvm.cpu(), number=number, repeat=repeat, min_repeat_ms=min_repeat_ms
+        )
         return float(timer(*self._arguments(inputs)).median)
 
     def save(self, out_dir: str | os.PathLike) -> str:
@@ -105,8 +117,9 @@ class CompiledModel:
                 "format": FORMAT_VERSION,
                 "target": self.target,
                 "library": LIBRARY,
-                "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype}
-                           for s in self.inputs],
+                "inputs": [
+                    {"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in self.inputs
+                ],
                 "outputs": self.outputs,
             }
             with open(os.path.join(tmp, META), "w") as f:
@@ -152,7 +165,9 @@ def load(out_dir: str | os.PathLike) -> CompiledModel:
         with _quiet_native_stderr():
             executable = tvm.runtime.load_module(lib_path)
     except Exception as err:
-        raise ArtifactError(f"{lib_path}: cannot load library ({str(err).splitlines()[0]})") from err
+        raise ArtifactError(
+            f"{lib_path}: cannot load library ({str(err).splitlines()[0]})"
+        ) from err
     report = []
     report_path = os.path.join(out_dir, REPORT)
     if os.path.exists(report_path):

@@ -1,4 +1,4 @@
-"""RewriteConv1x1ToMatmul: rewritten when it applies, untouched when not, idempotent, numerically equal."""
+"""RewriteConv1x1ToMatmul: applies, leaves other convs alone, idempotent, numerically equal."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import tvm
 from tvm import relax
-
 from tvm_sparse.passes.rewrite_conv1x1_to_matmul import RewriteConv1x1ToMatmul
 
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "znver5", "num-cores": 2})
@@ -20,8 +19,9 @@ def conv_module(k: int = 1, stride: int = 1, groups: int = 1, epilogue: bool = T
     x = relax.Var("x", relax.TensorType((1, 6, 5, 7), "float32"))
     with bb.function("main", [x]):
         with bb.dataflow():
-            y = bb.emit(relax.op.nn.conv2d(x, relax.const(w), strides=stride, padding=k // 2,
-                                           groups=groups))
+            y = bb.emit(
+                relax.op.nn.conv2d(x, relax.const(w), strides=stride, padding=k // 2, groups=groups)
+            )
             if epilogue:
                 y = bb.emit(relax.op.add(y, relax.const(b)))
                 y = bb.emit(relax.op.nn.relu(y))
@@ -33,8 +33,14 @@ def conv_module(k: int = 1, stride: int = 1, groups: int = 1, epilogue: bool = T
 
 def ops_of(mod) -> list[str]:
     names = []
-    relax.analysis.post_order_visit(mod["main"], lambda e: names.append(e.op.name) if isinstance(
-        e, relax.Call) and isinstance(e.op, tvm.ir.Op) else None)
+    relax.analysis.post_order_visit(
+        mod["main"],
+        lambda e: (
+            names.append(e.op.name)
+            if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op)
+            else None
+        ),
+    )
     return names
 
 
@@ -51,8 +57,12 @@ def test_pointwise_conv_becomes_matmul_with_epilogue_in_2d():
     # bias, relu and scale were sunk into the [C, H*W] domain: one reshape back at the end.
     assert ops[-1] == "relax.reshape"
     body = after["main"].body.blocks[0].bindings
-    epilogue = [b.value for b in body if isinstance(b.value, relax.Call)
-                and b.value.op.name in ("relax.add", "relax.nn.relu", "relax.multiply")]
+    epilogue = [
+        b.value
+        for b in body
+        if isinstance(b.value, relax.Call)
+        and b.value.op.name in ("relax.add", "relax.nn.relu", "relax.multiply")
+    ]
     assert epilogue and all(len(e.ty.shape) == 2 for e in epilogue)
 
 

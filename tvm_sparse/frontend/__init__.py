@@ -1,4 +1,4 @@
-"""ONNX import: TVM's Relax ONNX importer extended, for our calls only, with the converters it lacks."""
+"""ONNX import: TVM's Relax importer plus, for our calls only, the converters it lacks."""
 
 from .onnx import from_onnx, input_specs, load_model
 

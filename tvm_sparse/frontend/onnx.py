@@ -71,7 +71,9 @@ def _guard(op_type: str, converter_cls, opset: int):
                 except TvmSparseError:
                     raise
                 except Exception as err:  # TVM raises many types; all mean "cannot convert"
-                    msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                    msg = (
+                        str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                    )
                     raise UnsupportedOpError(name, op_type, opset, msg) from err
 
             return convert
@@ -129,8 +131,14 @@ def input_specs(
         else:
             dims = [d.dim_value if d.HasField("dim_value") else None for d in ttype.shape.dim]
             if not ttype.HasField("shape") or any(d is None for d in dims):
-                shown = ([d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
-                          for d in ttype.shape.dim] if ttype.HasField("shape") else "unknown rank")
+                shown = (
+                    [
+                        d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                        for d in ttype.shape.dim
+                    ]
+                    if ttype.HasField("shape")
+                    else "unknown rank"
+                )
                 raise ShapeError(
                     f"input '{value.name}' has dynamic dims {shown}: give its shape, e.g. "
                     f"shapes={{'{value.name}': [...]}} (CLI: --shape {value.name}=d0,d1,...)"
@@ -148,7 +156,11 @@ def _check_supported(model: onnx.ModelProto, table: dict, opset: int) -> None:
         if node.op_type in ("Constant", "If"):
             continue
         if node.domain not in _STANDARD_DOMAINS or node.op_type not in table:
-            op = node.op_type if node.domain in _STANDARD_DOMAINS else f"{node.domain}.{node.op_type}"
+            op = (
+                node.op_type
+                if node.domain in _STANDARD_DOMAINS
+                else f"{node.domain}.{node.op_type}"
+            )
             name = node.name or f"#{i}"
             raise UnsupportedOpError(name, op, opset, "no converter for this op")
 
@@ -197,7 +209,9 @@ def random_inputs(specs: list[InputSpec], seed: int = 0) -> dict[str, np.ndarray
     for spec in specs:
         if np.issubdtype(np.dtype(spec.dtype), np.integer):
             info = np.iinfo(spec.dtype)
-            out[spec.name] = rng.integers(max(info.min, -64), min(info.max, 64), spec.shape).astype(spec.dtype)
+            out[spec.name] = rng.integers(max(info.min, -64), min(info.max, 64), spec.shape).astype(
+                spec.dtype
+            )
         else:
             out[spec.name] = rng.standard_normal(spec.shape).astype(spec.dtype)
     return out
