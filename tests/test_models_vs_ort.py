@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import assert_close, ort_run
+from conftest import MODEL_TOLERANCE, assert_close, ort_run
 
 import tvm_sparse
 from tvm_sparse import examples
@@ -35,5 +35,5 @@ def test_model_matches_onnxruntime(name):
     ref = ort_run(model, inputs)
     assert len(ours) == len(ref)
     for i, (a, b) in enumerate(zip(ours, ref)):
-        assert_close(a, b, f"{name} output {i}")
+        assert_close(a, b, f"{name} output {i}", MODEL_TOLERANCE)
     assert np.abs(ref[0]).max() > 1e-3, "degenerate model: outputs are all ~0"

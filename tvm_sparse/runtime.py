@@ -84,7 +84,7 @@ class CompiledModel:
                     f"input '{spec.name}': expected {spec.dtype} {list(spec.shape)}, "
                     f"got {arr.dtype} {list(arr.shape)}"
                 )
-            args.append(tvm.runtime.tensor(np.ascontiguousarray(arr)))
+            args.append(tvm.runtime.tensor(np.require(arr, requirements="C")))  # keeps 0-d
         return args
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:

@@ -67,7 +67,9 @@ def _guard(op_type: str, converter_cls, opset: int):
             def convert(bb, inputs, attr, params):
                 name = attr.get("tvm_custom", {}).get("name") or "<unnamed>"
                 try:
-                    return impl(bb, inputs, attr, params)
+                    out = impl(bb, inputs, attr, params)
+                    # Normalising here makes type errors of this node's result name the node.
+                    return bb.normalize(out) if isinstance(out, tvm.relax.Expr) else out
                 except TvmSparseError:
                     raise
                 except Exception as err:  # TVM raises many types; all mean "cannot convert"
@@ -189,7 +191,8 @@ def from_onnx(
     specs = input_specs(proto, shapes)
     for node in proto.graph.node:
         if not node.name:  # the importer and our errors refer to nodes by name
-            node.name = f"{node.op_type}_{node.output[0]}"
+            first = next((o for o in node.output if o), str(len(proto.graph.node)))
+            node.name = f"{node.op_type}_{first}"
     table = {**onnx_frontend._get_convert_map(), **_extra_converters()}
     _check_supported(proto, table, opset)
     guarded = {op: _guard(op, cls, opset) for op, cls in table.items()}

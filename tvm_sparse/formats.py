@@ -1,0 +1,66 @@
+"""Block-sparse (BSR) packing of weights in the Y = X . W^T convention (W stored [N, K]).
+
+A block "RxC" covers R output rows and C reduction elements. Shapes that do not divide are
+padded with zero rows/columns; `n` and `k` record the logical size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class BSR:
+    """Block compressed sparse rows: `data[b]` is block b, at block column `indices[b]`;
+    block row r owns blocks `indptr[r]:indptr[r+1]` (ascending columns)."""
+
+    data: np.ndarray  # [nnzb, R, C]
+    indices: np.ndarray  # [nnzb] int32
+    indptr: np.ndarray  # [N/R + 1] int32
+    block: tuple[int, int]
+    shape: tuple[int, int]  # logical [N, K] before padding
+
+    @property
+    def nnzb(self) -> int:
+        return int(self.indices.shape[0])
+
+    @property
+    def padded_shape(self) -> tuple[int, int]:
+        r, c = self.block
+        return (-(-self.shape[0] // r) * r, -(-self.shape[1] // c) * c)
+
+    @property
+    def density(self) -> float:
+        """Fraction of blocks stored (what the kernel's work is proportional to)."""
+        rows, cols = self.padded_shape
+        total = (rows // self.block[0]) * (cols // self.block[1])
+        return self.nnzb / total if total else 0.0
+
+
+def to_bsr(w: np.ndarray, block: tuple[int, int]) -> BSR:
+    """Pack a 2-D [N, K] weight; all-zero blocks are dropped, zeros inside kept blocks stay."""
+    if w.ndim != 2:
+        raise ValueError(f"to_bsr: expected a 2-D [out, in] weight, got shape {w.shape}")
+    r, c = block
+    n, k = w.shape
+    padded = np.pad(w, ((0, -n % r), (0, -k % c)))
+    rows, cols = padded.shape[0] // r, padded.shape[1] // c
+    blocks = padded.reshape(rows, r, cols, c).transpose(0, 2, 1, 3)  # [rows, cols, r, c]
+    keep = blocks.any(axis=(2, 3))
+    indptr = np.zeros(rows + 1, np.int32)
+    np.cumsum(keep.sum(axis=1), out=indptr[1:])
+    row_idx, col_idx = np.nonzero(keep)
+    data = np.ascontiguousarray(blocks[row_idx, col_idx], dtype=w.dtype)
+    return BSR(data, col_idx.astype(np.int32), indptr, (r, c), (n, k))
+
+
+def to_dense(bsr: BSR) -> np.ndarray:
+    """Inverse of `to_bsr` (logical shape)."""
+    r, c = bsr.block
+    rows, cols = bsr.padded_shape
+    out = np.zeros((rows // r, cols // c, r, c), bsr.data.dtype)
+    row_idx = np.repeat(np.arange(rows // r), np.diff(bsr.indptr))
+    out[row_idx, bsr.indices] = bsr.data
+    return out.transpose(0, 2, 1, 3).reshape(rows, cols)[: bsr.shape[0], : bsr.shape[1]]
