@@ -54,6 +54,12 @@ def _find_contraction(sch: s_tir.Schedule):
     block = sch.get(red.block_rv)
     if len(block.reads) < 2 or len(block.writes) != 1:  # A and B (C is implied by init)
         return None, None
+    # Contractions index operands with bare loop variables; strided or windowed reads
+    # (convolutions: pad[c, oh * 2 + ry, ...]) belong to the conv rule.
+    for region in block.reads:
+        for rng in region.region:
+            if not isinstance(rng.min, (tirx.Var, tirx.IntImm)):
+                return None, None
     return red, infos
 
 
