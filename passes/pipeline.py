@@ -43,6 +43,7 @@ def optimize(
     dump_dir: str | None = None,
     extra: dict[str, list[tvm.transform.Pass]] | None = None,
     on_phase: Callable[[str], None] | None = None,
+    phases: tuple[str, ...] = PHASES,
 ) -> tvm.IRModule:
     """Run the phases in order; `extra[phase]` passes run before that phase's own passes.
 
@@ -58,10 +59,15 @@ def optimize(
         Passes later stages (sparse rewrites, tuning) insert in front of a phase.
     on_phase
         Called with each phase name as it starts (progress display).
+    phases
+        The phases to run (in `PHASES` order); compile() stops after "simplify" to choose
+        kernels, then runs the rest.
     """
     extra = extra or {}
     with target:
         for index, name in enumerate(PHASES):
+            if name not in phases:
+                continue
             if on_phase:
                 on_phase(name)
             seq = tvm.transform.Sequential(extra.get(name, []) + _phase_passes(name, target))

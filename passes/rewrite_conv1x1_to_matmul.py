@@ -36,6 +36,9 @@ def _is_pointwise(call: relax.Call) -> bool:
     )
 
 
+# fp32 lanes of an AVX-512 register: spatial sizes are padded to a multiple (7x7 = 49 -> 64).
+LANES = 16
+
 # Elementwise ops that commute with the [1, C, H, W] <-> [C, H*W] reshape when their other
 # operand is a per-channel or scalar constant; sinking them lets FuseOps fuse them into the matmul.
 _SINKABLE = (
@@ -73,6 +76,7 @@ class _Rewriter(PyExprMutator):
         super().__init__(mod)
         self.conv2d = tvm.ir.Op.get("relax.nn.conv2d")
         self.reshape = tvm.ir.Op.get("relax.reshape")
+        self.slice = tvm.ir.Op.get("relax.strided_slice")
         self.sinkable = {tvm.ir.Op.get(name) for name in _SINKABLE}
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
@@ -85,22 +89,42 @@ class _Rewriter(PyExprMutator):
         n, c, h, w = (int(d) for d in data.ty.shape.values)
         out_c = int(weight.ty.shape[0])
         w2d = relax.const(constant_value(weight).reshape(out_c, c))
-        x = relax.op.reshape(data, [c, h * w] if n == 1 else [n, c, h * w])
+        if n != 1:
+            x = relax.op.reshape(data, [n, c, h * w])
+            return relax.op.reshape(self.builder_.emit(relax.op.matmul(w2d, x)), [n, out_c, h, w])
+        cols = h * w
+        padded = -(-cols // LANES) * LANES if cols > LANES else cols
+        x = self.builder_.emit(relax.op.reshape(data, [c, cols]))
+        if padded != cols:  # whole vectors for the kernels; the pad columns are sliced off
+            x = relax.op.nn.pad(x, [0, 0, 0, padded - cols])
         y = self.builder_.emit(relax.op.matmul(w2d, x))
-        return relax.op.reshape(y, [n, out_c, h, w])
+        return self._to_nchw(y, [n, out_c, h, w])
+
+    def _to_nchw(self, y2d: relax.Expr, shape: list[int]) -> relax.Expr:
+        cols = shape[2] * shape[3]
+        if int(y2d.ty.shape[1]) != cols:
+            y2d = self.builder_.emit(relax.op.strided_slice(y2d, axes=[1], begin=[0], end=[cols]))
+        return relax.op.reshape(y2d, shape)
+
+    def _bound(self, expr):
+        return self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
 
     def _unreshaped(self, expr: relax.Expr):
         """(2-D matmul-domain value, NCHW shape) if `expr` is our reshape back to [1, C, H, W]."""
         if not isinstance(expr, relax.Var):
             return None
-        bound = self.lookup_binding(expr)
+        bound = self._bound(expr)
         if not (isinstance(bound, relax.Call) and bound.op == self.reshape):
             return None
         src = bound.args[0]
+        sliced = self._bound(src)
+        if isinstance(sliced, relax.Call) and sliced.op == self.slice:
+            src = sliced.args[0]
         shape = [int(d) for d in bound.ty.shape.values]
         if len(shape) != 4 or shape[0] != 1 or src.ty.ndim != 2:
             return None
-        if [int(d) for d in src.ty.shape.values] != [shape[1], shape[2] * shape[3]]:
+        rows, cols = (int(d) for d in src.ty.shape.values)
+        if rows != shape[1] or cols < shape[2] * shape[3]:
             return None
         return src, shape
 
@@ -118,7 +142,7 @@ class _Rewriter(PyExprMutator):
                 return call
             args.append(other)
         moved = self.builder_.emit(relax.Call(call.op, args, call.attrs))
-        return relax.op.reshape(moved, shape)
+        return self._to_nchw(moved, shape)
 
 
 @tvm.transform.module_pass(opt_level=0, name="RewriteConv1x1ToMatmul")
@@ -130,4 +154,5 @@ class RewriteConv1x1ToMatmul:
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        return rewriter.builder_.get()
+        # The NCHW ops the epilogues were sunk out of are dead now.
+        return relax.transform.DeadCodeElimination()(rewriter.builder_.get())

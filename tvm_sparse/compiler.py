@@ -8,17 +8,48 @@ from collections.abc import Callable
 import onnx
 from tvm import relax
 
+from .errors import TvmSparseError
 from .frontend.onnx import from_onnx, input_specs, load_model
 from .report import weight_layers
 from .runtime import CompiledModel
 from .target import resolve_target
 
+SPARSE_MODES = ("auto", "off", "force")
+POLICIES = ("measured", "threshold")
 
-def _layer_report(proto: onnx.ModelProto) -> list[dict]:
+
+def _layer_report(proto: onnx.ModelProto, decisions: list) -> list[dict]:
+    """ONNX weight layers joined (by weight content) with the kernel chosen for each."""
+    by_key = {d.layer.key: d for d in decisions}
     rows = weight_layers(proto)
+    matched = set()
     for row in rows:
-        row["kernel"] = "dense"
-        row["why"] = "default dense schedule (no sparse candidate evaluated)"
+        found = [by_key[k] for k in row.pop("keys", []) if k in by_key]
+        matched.update(d.layer.key for d in found)
+        if found:
+            d = found[0]
+            row.update(
+                kernel=d.kernel,
+                why=d.why,
+                times_us={k: round(v * 1e6, 2) for k, v in d.times.items()},
+            )
+        elif row["op"] in ("LSTM", "GRU", "RNN"):
+            row.update(kernel="dense recurrent", why="fused recurrent kernel (dense)")
+        else:
+            row.update(kernel="dense", why="not in matmul form (dense conv schedule)")
+    for d in decisions:  # layers the importer created (e.g. recurrent input projections)
+        if d.layer.key not in matched:
+            n, k = d.layer.shape
+            rows.append(
+                {
+                    "op": "MatMul",
+                    "name": f"(internal {n}x{k})",
+                    "weights": {},
+                    "kernel": d.kernel,
+                    "why": d.why,
+                    "times_us": {k_: round(v * 1e6, 2) for k_, v in d.times.items()},
+                }
+            )
     return rows
 
 
@@ -27,6 +58,8 @@ def compile(  # noqa: A001 - the public name the API promises
     target: str | dict = "host",
     shapes: dict[str, list[int]] | None = None,
     *,
+    sparse: str = "auto",
+    policy: str = "measured",
     dump_ir: str | None = None,
     on_phase: Callable[[str], None] | None = None,
 ) -> CompiledModel:
@@ -40,6 +73,13 @@ def compile(  # noqa: A001 - the public name the API promises
         ``"host"`` (this CPU, all cores), an LLVM CPU name, or a TVM target dict.
     shapes
         Static shapes for inputs with dynamic dims, e.g. ``{"x": [1, 3, 224, 224]}``.
+    sparse
+        ``"auto"``: each layer gets a block-sparse kernel when `policy` says it is faster;
+        ``"off"``: dense kernels only; ``"force"``: the best sparse kernel wherever the weight
+        has zero blocks, even if dense is faster.
+    policy
+        ``"measured"``: time every candidate kernel on the target (cached per layer signature);
+        ``"threshold"``: seed 004's rule on the zero-block fraction, no timing.
     dump_ir
         Directory to write the IR after each pipeline phase to.
     on_phase
@@ -51,16 +91,32 @@ def compile(  # noqa: A001 - the public name the API promises
         ``.run(inputs)`` -> list of arrays in graph-output order; ``.report`` per layer.
     """
     from tvm_sparse.passes import lowering_pipeline, optimize
+    from tvm_sparse.passes.collect_sparse_layers import collect_layers
+    from tvm_sparse.passes.rewrite_dense_to_bsr import RewriteDenseToBSR
 
+    from .selection import select
+
+    if sparse not in SPARSE_MODES:
+        raise TvmSparseError(f"sparse: expected one of {SPARSE_MODES}, got {sparse!r}")
+    if policy not in POLICIES:
+        raise TvmSparseError(f"policy: expected one of {POLICIES}, got {policy!r}")
     proto = load_model(model)
     specs = input_specs(proto, shapes)
     tgt = resolve_target(target)
     if on_phase:
         on_phase("import")
     mod = from_onnx(proto, {s.name: list(s.shape) for s in specs})
-    mod = optimize(mod, tgt, dump_dir=dump_ir, on_phase=on_phase)
+    mod = optimize(mod, tgt, dump_dir=dump_ir, on_phase=on_phase, phases=("simplify",))
+    layers = collect_layers(mod)
+    if on_phase:
+        on_phase(f"select kernels ({len(layers)} layers, sparse={sparse}, policy={policy})")
+    mode = "off" if sparse == "off" else ("force" if sparse == "force" else policy)
+    decisions = select(layers, mode, tgt)
+    plan = {d.layer.key: d.variant for d in decisions if d.variant is not None}
+    mod = RewriteDenseToBSR(plan)(mod)
+    mod = optimize(mod, tgt, dump_dir=dump_ir, on_phase=on_phase, phases=("legalize", "schedule"))
     if on_phase:
         on_phase("build")
     executable = relax.build(mod, tgt, relax_pipeline=lowering_pipeline(tgt))
     outputs = [o.name for o in proto.graph.output]
-    return CompiledModel(executable, specs, outputs, _layer_report(proto), str(tgt))
+    return CompiledModel(executable, specs, outputs, _layer_report(proto, decisions), str(tgt))

@@ -9,8 +9,14 @@ from onnx import TensorProto, helper, numpy_helper
 OPSET = 17
 
 
-def prune_out_in(view: np.ndarray, sparsity: float, block: tuple[int, int] = (1, 1)) -> np.ndarray:
-    """Zero the `sparsity` fraction of RxC blocks with the smallest L1 norm of an [out, in] view."""
+def prune_out_in(
+    view: np.ndarray, sparsity: float, block: tuple[int, int] = (1, 1), rescale: bool = False
+) -> np.ndarray:
+    """Zero the `sparsity` fraction of RxC blocks with the smallest L1 norm of an [out, in] view.
+
+    `rescale` multiplies the kept weights by 1/sqrt(1 - sparsity), as retraining would restore
+    the layer's output scale; without it, deep pruned nets shrink their activations to ~0.
+    """
     if sparsity <= 0:
         return view.copy()
     r, c = block
@@ -23,19 +29,23 @@ def prune_out_in(view: np.ndarray, sparsity: float, block: tuple[int, int] = (1,
     keep = np.ones(norms.size, dtype=bool)
     keep[np.argsort(norms, axis=None, kind="stable")[:n_zero]] = False
     mask = np.repeat(np.repeat(keep.reshape(norms.shape), r, axis=0), c, axis=1)
-    return (padded * mask)[:rows, :cols].astype(view.dtype)
+    scale = 1.0 / np.sqrt(1.0 - min(sparsity, 0.99)) if rescale else 1.0
+    return (padded * mask * scale)[:rows, :cols].astype(view.dtype)
 
 
-def prune_weight(op_type: str, w: np.ndarray, sparsity: float, block=(1, 1)) -> np.ndarray:
+def prune_weight(
+    op_type: str, w: np.ndarray, sparsity: float, block=(1, 1), rescale: bool = False
+) -> np.ndarray:
     """Prune an ONNX weight in its own layout, blocks taken in the [out, in] view."""
     if op_type == "MatMul":
-        return prune_out_in(w.T, sparsity, block).T
+        return prune_out_in(w.T, sparsity, block, rescale).T
     if op_type == "Conv":
         o, i, kh, kw = w.shape
         view = np.moveaxis(w, 1, -1).reshape(o, -1)
-        return np.moveaxis(prune_out_in(view, sparsity, block).reshape(o, kh, kw, i), -1, 1)
+        pruned = prune_out_in(view, sparsity, block, rescale)
+        return np.moveaxis(pruned.reshape(o, kh, kw, i), -1, 1)
     if op_type in ("LSTM", "GRU", "RNN"):  # [dirs, gates*H, in]
-        return np.stack([prune_out_in(w[d], sparsity, block) for d in range(w.shape[0])])
+        return np.stack([prune_out_in(w[d], sparsity, block, rescale) for d in range(w.shape[0])])
     raise ValueError(op_type)
 
 
@@ -64,7 +74,7 @@ class _Graph:
         w = self.rng.standard_normal((cout, cin // group, k, k)) * np.sqrt(2.0 / fan_in)
         w = w.astype(np.float32)
         if sparsity and group == 1:
-            w = prune_weight("Conv", w, sparsity, block)
+            w = prune_weight("Conv", w, sparsity, block, rescale=True)
         b = (self.rng.standard_normal(cout) * 0.05).astype(np.float32)
         y = self.node(
             "Conv",
@@ -117,7 +127,7 @@ def mobilenet_v1(
     y = g.node("Flatten", [y], "flatten", axis=1)
     w = (g.rng.standard_normal((classes, ch)) / np.sqrt(ch)).astype(np.float32)
     if sparsity:
-        w = prune_out_in(w, sparsity, block)
+        w = prune_out_in(w, sparsity, block, rescale=True)
     b = np.zeros(classes, np.float32)
     y = g.node("Gemm", [y, g.const(w, "w"), g.const(b, "b")], "fc", transB=1)
     x_info = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, size, size])

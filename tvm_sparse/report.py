@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .passes.collect_sparse_layers import weight_key
 from .sparsity import as_out_in, weight_stats
 
 # Input positions of the weight tensors of each weight-carrying op.
@@ -57,14 +58,15 @@ def weight_layers(model: onnx.ModelProto) -> list[dict]:
         if positions is None:
             continue
         trans_b = any(a.name == "transB" and a.i for a in node.attribute)
-        weights = {}
+        weights, keys = {}, []
         for pos, label in zip(positions, _WEIGHT_NAMES.get(node.op_type, ("W",))):
             if pos < len(node.input) and node.input[pos] in consts:
                 w = consts[node.input[pos]]
                 if w.ndim < 2:
                     continue
-                stats = weight_stats(as_out_in(node.op_type, w, trans_b))
-                weights[label] = {"shape": list(w.shape), **stats}
+                views = as_out_in(node.op_type, w, trans_b)
+                weights[label] = {"shape": list(w.shape), **weight_stats(views)}
+                keys += [weight_key(v) for v in views]
         rows.append(
             {
                 "op": node.op_type,
@@ -72,6 +74,7 @@ def weight_layers(model: onnx.ModelProto) -> list[dict]:
                 "input_shape": shapes.get(node.input[0]),
                 "output_shape": shapes.get(node.output[0]),
                 "weights": weights,
+                "keys": keys,
             }
         )
     return rows

@@ -1,0 +1,210 @@
+"""Choose, per layer, the dense kernel or a block-sparse one: by measurement or by threshold.
+
+Policy "measured" (default) builds every candidate for the layer's real shapes and pattern,
+times it on the target, and keeps the fastest; timings are cached by layer signature
+(shapes, block, pattern digest) so identical layers are timed once. Policy "threshold" is
+seed 004's rule for targets that cannot be timed: sparse when the weight's zero-block fraction
+reaches `weight_threshold`, with the largest block shape that keeps most of the zeros.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from .formats import to_bsr
+from .passes.collect_sparse_layers import MatmulLayer
+from .schedules import bsr_matmul
+from .sparsity import element_sparsity, zero_block_fraction
+
+DENSE = "dense"
+# Candidate blocks, most efficient first; a block is offered only if it divides the weight and
+# its zero-block fraction keeps at least this share of the element sparsity.
+CANDIDATE_BLOCKS = ((16, 1), (8, 1), (4, 1), (8, 8), (4, 4), (1, 4), (1, 1))
+KEEP_ZEROS = 0.9
+
+
+@dataclass
+class Decision:
+    """The chosen kernel of one layer, every candidate's time (seconds), and why."""
+
+    layer: MatmulLayer
+    kernel: str
+    variant: bsr_matmul.Variant | None
+    times: dict[str, float] = field(default_factory=dict)
+    why: str = ""
+
+
+def candidate_blocks(layer: MatmulLayer) -> list[tuple[tuple[int, int], float]]:
+    """(block, zero-block fraction) pairs worth trying for this weight."""
+    n, k = layer.shape
+    sparsity = element_sparsity(layer.weight)
+    if sparsity == 0:
+        return []
+    out = []
+    for block in CANDIDATE_BLOCKS:
+        if n % block[0] or k % block[1]:
+            continue
+        zeros = zero_block_fraction(layer.weight, block)
+        if zeros >= KEEP_ZEROS * sparsity and zeros > 0:
+            out.append((block, zeros))
+    return out
+
+
+def choose_threshold(layer: MatmulLayer, weight_threshold: float = 0.7) -> Decision:
+    blocks = candidate_blocks(layer)
+    best = next(((b, z) for b, z in blocks if z >= weight_threshold), None)
+    if best is None:
+        top = max((z for _, z in blocks), default=0.0)
+        return Decision(
+            layer,
+            DENSE,
+            None,
+            why=f"zero-block fraction {top:.0%} below threshold {weight_threshold:.0%}",
+        )
+    (r, c), zeros = best
+    variant = bsr_matmul.Variant(r, c)
+    return Decision(
+        layer,
+        variant.name,
+        variant,
+        why=f"{r}x{c} blocks {zeros:.0%} zero >= threshold {weight_threshold:.0%}",
+    )
+
+
+class Timer:
+    """Builds and times candidate kernels for one target; caches by layer signature."""
+
+    def __init__(self, target: tvm.target.Target, cache: dict | None = None):
+        self.target = target
+        self.cache = cache if cache is not None else {}
+
+    @staticmethod
+    def signature(layer: MatmulLayer, kernel: str, pattern: bytes = b"") -> str:
+        n, k = layer.shape
+        digest = hashlib.sha1(pattern).hexdigest()[:12] if pattern else "-"
+        return f"{kernel}|{n}x{k}x{layer.columns}|{layer.form}|relu={layer.relu}|{digest}"
+
+    def time_dense(self, layer: MatmulLayer) -> float:
+        key = self.signature(layer, DENSE)
+        if key not in self.cache:
+            self.cache[key] = self._time_module(_dense_module(layer), layer)
+        return self.cache[key]
+
+    def time_bsr(self, layer: MatmulLayer, variant: bsr_matmul.Variant) -> float:
+        bsr = to_bsr(layer.weight, (variant.rows, variant.cols))
+        key = self.signature(layer, variant.name, bsr.indptr.tobytes() + bsr.indices.tobytes())
+        if key not in self.cache:
+            self.cache[key] = self._time_module(_bsr_module(layer, variant), layer)
+        return self.cache[key]
+
+    def _time_module(self, mod: tvm.IRModule, layer: MatmulLayer) -> float:
+        from .passes import lowering_pipeline, optimize
+
+        mod = optimize(mod, self.target)
+        ex = relax.build(mod, self.target, relax_pipeline=lowering_pipeline(self.target))
+        vm = relax.VirtualMachine(ex, tvm.cpu())
+        x = tvm.runtime.tensor(
+            np.random.default_rng(0).standard_normal(_activation_shape(layer)).astype(np.float32)
+        )
+        vm["main"](x)
+        timer = vm.time_evaluator("main", tvm.cpu(), number=10, repeat=3, min_repeat_ms=20)
+        return float(timer(x).median)
+
+
+def _activation_shape(layer: MatmulLayer) -> tuple[int, int]:
+    n, k = layer.shape
+    return (k, layer.columns) if layer.form == "wx" else (layer.columns, k)
+
+
+def _layer_module(layer: MatmulLayer, body) -> tvm.IRModule:
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(_activation_shape(layer), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(body(bb, x))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _dense_module(layer: MatmulLayer) -> tvm.IRModule:
+    def body(bb, x):
+        if layer.form == "wx":
+            y = bb.emit(relax.op.matmul(relax.const(layer.weight), x))
+            bias = None if layer.bias is None else layer.bias.reshape(-1, 1)
+        else:
+            y = bb.emit(relax.op.matmul(x, relax.const(np.ascontiguousarray(layer.weight.T))))
+            bias = layer.bias
+        if bias is not None:
+            y = bb.emit(relax.op.add(y, relax.const(bias)))
+        return relax.op.nn.relu(y) if layer.relu else y
+
+    return _layer_module(layer, body)
+
+
+def _bsr_module(layer: MatmulLayer, variant: bsr_matmul.Variant) -> tvm.IRModule:
+    from .passes.rewrite_dense_to_bsr import emit_bsr
+
+    return _layer_module(layer, lambda bb, x: emit_bsr(bb, layer, variant, x))
+
+
+def choose_measured(layer: MatmulLayer, timer: Timer) -> Decision:
+    times = {DENSE: timer.time_dense(layer)}
+    variants = {}
+    for (r, c), _ in candidate_blocks(layer):
+        variant = bsr_matmul.Variant(r, c)
+        variants[variant.name] = variant
+        times[variant.name] = timer.time_bsr(layer, variant)
+    best = min(times, key=times.get)
+    if best == DENSE:
+        why = "dense measured fastest" if len(times) > 1 else "no zero blocks to exploit"
+        return Decision(layer, DENSE, None, times, why)
+    speedup = times[DENSE] / times[best]
+    return Decision(
+        layer, best, variants[best], times, f"measured fastest: {speedup:.1f}x faster than dense"
+    )
+
+
+def select(
+    layers: list[MatmulLayer],
+    policy: str,
+    target: tvm.target.Target,
+    progress=None,
+    cache: dict | None = None,
+) -> list[Decision]:
+    """One Decision per layer under `policy` ("measured", "threshold", "off", "force")."""
+    timer = Timer(target, cache) if policy in ("measured", "force") else None
+    decisions = []
+    for i, layer in enumerate(layers):
+        if progress:
+            progress(i, len(layers))
+        if policy == "off":
+            decisions.append(Decision(layer, DENSE, None, why="sparse='off'"))
+        elif policy == "threshold":
+            decisions.append(choose_threshold(layer))
+        elif policy == "force":
+            decisions.append(_force(layer, timer))
+        else:
+            decisions.append(choose_measured(layer, timer))
+    return decisions
+
+
+def _force(layer: MatmulLayer, timer: Timer) -> Decision:
+    """sparse='force': the fastest sparse candidate even when dense is faster."""
+    decision = choose_measured(layer, timer)
+    sparse = {k: v for k, v in decision.times.items() if k != DENSE}
+    if decision.kernel != DENSE or not sparse:
+        return decision
+    best = min(sparse, key=sparse.get)
+    r, c = (int(v) for v in best.split("_")[2].split("x"))
+    return Decision(
+        layer,
+        best,
+        bsr_matmul.Variant(r, c),
+        decision.times,
+        "sparse='force' (dense measured faster)",
+    )
