@@ -28,6 +28,8 @@ class MatmulLayer:
     columns: int  # P of the W . X[K, P] product the kernels compute (M for "xw")
     bias: np.ndarray | None = field(default=None, repr=False)
     relu: bool = False
+    # (H, W) when the layer is a pointwise NCHW conv (batch 1) seen in matmul form.
+    conv_hw: tuple[int, int] | None = None
 
     @property
     def shape(self) -> tuple[int, int]:

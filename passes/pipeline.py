@@ -11,8 +11,6 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 from tvm.s_tir import dlight as dl
 from tvm_sparse.schedules import default_rules
 
-from .rewrite_conv1x1_to_matmul import RewriteConv1x1ToMatmul
-
 PHASES = ("simplify", "legalize", "schedule")
 
 
@@ -20,7 +18,6 @@ def _phase_passes(name: str, target: tvm.target.Target) -> list[tvm.transform.Pa
     if name == "simplify":
         return [
             relax.transform.FoldConstant(),
-            RewriteConv1x1ToMatmul(),
             relax.transform.CanonicalizeBindings(),
             relax.transform.DeadCodeElimination(),
         ]

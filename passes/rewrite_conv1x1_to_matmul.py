@@ -70,10 +70,34 @@ def _per_channel(const, channels: int) -> relax.Expr | None:
     return None
 
 
+def pointwise_key(call: relax.Call) -> str:
+    """The weight key of a pointwise conv: its [O, I] view, as the matmul form will have it."""
+    from .collect_sparse_layers import weight_key
+
+    weight = constant_value(call.args[1])
+    return weight_key(weight.reshape(weight.shape[0], weight.shape[1]))
+
+
+def pointwise_convs(mod: tvm.IRModule) -> dict[str, tuple[int, int]]:
+    """{weight key: (H, W)} of every pointwise conv `RewriteConv1x1ToMatmul` would rewrite."""
+    found = {}
+    conv2d = tvm.ir.Op.get("relax.nn.conv2d")
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and expr.op == conv2d and _is_pointwise(expr):
+            shape = [int(d) for d in expr.args[0].ty.shape.values]
+            if shape[0] == 1:
+                found[pointwise_key(expr)] = (shape[2], shape[3])
+
+    relax.analysis.post_order_visit(mod["main"], visit)
+    return found
+
+
 @mutator
 class _Rewriter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule):
+    def __init__(self, mod: tvm.IRModule, only: set[str] | None = None):
         super().__init__(mod)
+        self.only = only
         self.conv2d = tvm.ir.Op.get("relax.nn.conv2d")
         self.reshape = tvm.ir.Op.get("relax.reshape")
         self.slice = tvm.ir.Op.get("relax.strided_slice")
@@ -84,6 +108,8 @@ class _Rewriter(PyExprMutator):
         if call.op in self.sinkable:
             return self._sink(call)
         if call.op != self.conv2d or not _is_pointwise(call):
+            return call
+        if self.only is not None and pointwise_key(call) not in self.only:
             return call
         data, weight = call.args
         n, c, h, w = (int(d) for d in data.ty.shape.values)
@@ -147,10 +173,21 @@ class _Rewriter(PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="RewriteConv1x1ToMatmul")
 class RewriteConv1x1ToMatmul:
-    """Replace pointwise NCHW conv2d (constant weight, stride 1, no padding) by a matmul."""
+    """Replace pointwise NCHW conv2d (constant weight, stride 1, no padding) by a matmul.
+
+    Parameters
+    ----------
+    only
+        Weight keys (`collect_sparse_layers.weight_key` of the [O, I] view) to rewrite; None
+        rewrites every pointwise conv. Dense 1x1 convs are faster through the conv rule, so
+        compile() rewrites just the layers that get a sparse kernel.
+    """
+
+    def __init__(self, only: set[str] | None = None):
+        self.only = None if only is None else set(only)
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        rewriter = _Rewriter(mod)
+        rewriter = _Rewriter(mod, self.only)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 rewriter.builder_.update_func(gv, rewriter.visit_expr(func))

@@ -40,6 +40,30 @@ def _k_block(k: int | None) -> int:
     return 0
 
 
+def _operands_are_matrices(block, iters) -> bool:
+    """A[..., i, k] and B[..., k, j] (i absent for a GEMV): rules out pointwise convs
+    (out[co, oh, ow] += W[co, rc] * X[rc, oh, ow]) whose loops also look like "SSSR"."""
+    k, j = iters[-1], iters[-2]
+    i = iters[-3] if len(iters) > 2 else None
+
+    def is_(expr, it):
+        if isinstance(expr, tirx.Var):
+            return expr.same_as(it.var)
+        return isinstance(expr, tirx.IntImm) and const_extent(it.dom) == 1
+
+    def has(first, second):
+        return any(
+            len(r.region) >= 2 and is_(r.region[-2].min, first) and is_(r.region[-1].min, second)
+            for r in block.reads
+        )
+
+    if i is None:  # GEMV: A is the vector x[k] (or [1, k] with the unit dim dropped)
+        has_a = any(r.region and is_(r.region[-1].min, k) for r in block.reads)
+    else:
+        has_a = has(i, k)
+    return has_a and has(k, j)
+
+
 def _find_contraction(sch: s_tir.Schedule):
     infos = normalize_prim_func(sch)
     if infos is None:
@@ -60,6 +84,8 @@ def _find_contraction(sch: s_tir.Schedule):
         for rng in region.region:
             if not isinstance(rng.min, (tirx.Var, tirx.IntImm)):
                 return None, None
+    if not _operands_are_matrices(block, red.iters):
+        return None, None
     return red, infos
 
 

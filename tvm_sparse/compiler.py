@@ -92,6 +92,7 @@ def compile(  # noqa: A001 - the public name the API promises
     """
     from tvm_sparse.passes import lowering_pipeline, optimize
     from tvm_sparse.passes.collect_sparse_layers import collect_layers
+    from tvm_sparse.passes.rewrite_conv1x1_to_matmul import RewriteConv1x1ToMatmul, pointwise_convs
     from tvm_sparse.passes.rewrite_dense_to_bsr import RewriteDenseToBSR
 
     from .selection import select
@@ -107,12 +108,17 @@ def compile(  # noqa: A001 - the public name the API promises
         on_phase("import")
     mod = from_onnx(proto, {s.name: list(s.shape) for s in specs})
     mod = optimize(mod, tgt, dump_dir=dump_ir, on_phase=on_phase, phases=("simplify",))
-    layers = collect_layers(mod)
+    # Pointwise convs are candidates in their matmul form, but stay convs unless they go sparse.
+    convs = pointwise_convs(mod)
+    layers = collect_layers(RewriteConv1x1ToMatmul()(mod))
+    for layer in layers:
+        layer.conv_hw = convs.get(layer.key)
     if on_phase:
         on_phase(f"select kernels ({len(layers)} layers, sparse={sparse}, policy={policy})")
     mode = "off" if sparse == "off" else ("force" if sparse == "force" else policy)
     decisions = select(layers, mode, tgt)
     plan = {d.layer.key: d.variant for d in decisions if d.variant is not None}
+    mod = RewriteConv1x1ToMatmul(only=set(plan) & set(convs))(mod)
     mod = RewriteDenseToBSR(plan)(mod)
     mod = optimize(mod, tgt, dump_dir=dump_ir, on_phase=on_phase, phases=("legalize", "schedule"))
     if on_phase:
