@@ -31,7 +31,7 @@ def emit_bsr(
     bias = layer.bias if layer.bias is not None else np.zeros(n, np.float32)
     p = layer.columns
     if p == 1:
-        gemv = bsr_matmul.Variant(variant.rows, variant.cols, gemv=True)
+        gemv = bsr_matmul.Variant(variant.rows, variant.cols, gemv=True)  # same blocks, P = 1
         func = bsr_matmul.bsr_gemv(n, k, gemv, bsr.nnzb, relu=layer.relu)
         data, operand, out_shape = bsr_matmul.pack(bsr, gemv), relax.op.reshape(x, [k]), [n]
     else:

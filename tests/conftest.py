@@ -12,9 +12,11 @@ from onnx import TensorProto, helper, numpy_helper
 # vectorised tanh/sigmoid approximations (a few ulps); 1e-5 still catches a wrong bias, padding,
 # gate or activation. float16: one ulp is ~1e-3 relative.
 TOLERANCE = {"float32": dict(rtol=1e-5, atol=1e-5), "float16": dict(rtol=1e-3, atol=1e-3)}
-# Whole networks: summation-order differences compound over depth (ResNet-18-like: 20 layers,
-# reductions up to 4608 long; measured worst 1.2e-5 absolute on outputs of magnitude ~1).
-MODEL_TOLERANCE = {"float32": dict(rtol=1e-4, atol=1e-4)}
+# Whole networks: summation-order differences compound over depth and scale with the size of
+# the activations (ResNet-18-like: 20 layers, reductions up to 4608 long, measured worst 1.2e-5
+# absolute on outputs of magnitude ~1; a pruned MobileNet with outputs ~1500: 3e-3 absolute on
+# an element of 9). So atol is relative to the largest reference output ("atol_scale").
+MODEL_TOLERANCE = {"float32": dict(rtol=1e-4, atol=1e-5, atol_scale=True)}
 
 
 def assert_close(
@@ -26,9 +28,10 @@ def assert_close(
     if np.issubdtype(expected.dtype, np.integer) or expected.dtype == np.bool_:
         np.testing.assert_array_equal(actual, expected, err_msg=what)
     else:
-        np.testing.assert_allclose(
-            actual, expected, err_msg=what, **(table or TOLERANCE)[str(expected.dtype)]
-        )
+        tol = dict((table or TOLERANCE)[str(expected.dtype)])
+        if tol.pop("atol_scale", False) and expected.size:
+            tol["atol"] *= max(1.0, float(np.abs(expected).max()))
+        np.testing.assert_allclose(actual, expected, err_msg=what, **tol)
 
 
 def ort_run(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -115,8 +115,7 @@ def compile(  # noqa: A001 - the public name the API promises
         layer.conv_hw = convs.get(layer.key)
     if on_phase:
         on_phase(f"select kernels ({len(layers)} layers, sparse={sparse}, policy={policy})")
-    mode = "off" if sparse == "off" else ("force" if sparse == "force" else policy)
-    decisions = select(layers, mode, tgt)
+    decisions = select(layers, sparse, policy, tgt)
     plan = {d.layer.key: d.variant for d in decisions if d.variant is not None}
     mod = RewriteConv1x1ToMatmul(only=set(plan) & set(convs))(mod)
     mod = RewriteDenseToBSR(plan)(mod)

@@ -55,6 +55,11 @@ def candidate_blocks(layer: MatmulLayer) -> list[tuple[tuple[int, int], float]]:
     return out
 
 
+def variant_for(layer: MatmulLayer, block: tuple[int, int]) -> bsr_matmul.Variant:
+    """The kernel variant `emit_bsr` uses for this layer (GEMV for one activation column)."""
+    return bsr_matmul.Variant(block[0], block[1], gemv=layer.columns == 1)
+
+
 def choose_threshold(layer: MatmulLayer, weight_threshold: float = 0.7) -> Decision:
     blocks = candidate_blocks(layer)
     best = next(((b, z) for b, z in blocks if z >= weight_threshold), None)
@@ -67,7 +72,7 @@ def choose_threshold(layer: MatmulLayer, weight_threshold: float = 0.7) -> Decis
             why=f"zero-block fraction {top:.0%} below threshold {weight_threshold:.0%}",
         )
     (r, c), zeros = best
-    variant = bsr_matmul.Variant(r, c)
+    variant = variant_for(layer, (r, c))
     return Decision(
         layer,
         variant.name,
@@ -76,12 +81,16 @@ def choose_threshold(layer: MatmulLayer, weight_threshold: float = 0.7) -> Decis
     )
 
 
+# Timings of this process by target; keys hold shapes, kernel and pattern digest.
+_PROCESS_CACHE: dict[str, dict[str, float]] = {}
+
+
 class Timer:
     """Builds and times candidate kernels for one target; caches by layer signature."""
 
     def __init__(self, target: tvm.target.Target, cache: dict | None = None):
         self.target = target
-        self.cache = cache if cache is not None else {}
+        self.cache = cache if cache is not None else _PROCESS_CACHE.setdefault(str(target), {})
 
     @staticmethod
     def signature(layer: MatmulLayer, kernel: str, pattern: bytes = b"") -> str:
@@ -175,8 +184,8 @@ def _bsr_module(layer: MatmulLayer, variant: bsr_matmul.Variant) -> tvm.IRModule
 def choose_measured(layer: MatmulLayer, timer: Timer) -> Decision:
     times = {DENSE: timer.time_dense(layer)}
     variants = {}
-    for (r, c), _ in candidate_blocks(layer):
-        variant = bsr_matmul.Variant(r, c)
+    for block, _ in candidate_blocks(layer):
+        variant = variant_for(layer, block)
         variants[variant.name] = variant
         times[variant.name] = timer.time_bsr(layer, variant)
     best = min(times, key=times.get)
@@ -191,40 +200,48 @@ def choose_measured(layer: MatmulLayer, timer: Timer) -> Decision:
 
 def select(
     layers: list[MatmulLayer],
+    sparse: str,
     policy: str,
     target: tvm.target.Target,
     progress=None,
     cache: dict | None = None,
 ) -> list[Decision]:
-    """One Decision per layer under `policy` ("measured", "threshold", "off", "force")."""
-    timer = Timer(target, cache) if policy in ("measured", "force") else None
+    """One Decision per layer for `sparse` ("auto", "off", "force") under `policy`
+    ("measured": time the candidates; "threshold": decide from zero-block fractions)."""
+    timer = Timer(target, cache) if policy == "measured" and sparse != "off" else None
     decisions = []
     for i, layer in enumerate(layers):
         if progress:
             progress(i, len(layers))
-        if policy == "off":
+        if sparse == "off":
             decisions.append(Decision(layer, DENSE, None, why="sparse='off'"))
-        elif policy == "threshold":
-            decisions.append(choose_threshold(layer))
-        elif policy == "force":
+        elif sparse == "force":
             decisions.append(_force(layer, timer))
+        elif timer is None:
+            decisions.append(choose_threshold(layer))
         else:
             decisions.append(choose_measured(layer, timer))
     return decisions
 
 
-def _force(layer: MatmulLayer, timer: Timer) -> Decision:
-    """sparse='force': the fastest sparse candidate even when dense is faster."""
+def _force(layer: MatmulLayer, timer: Timer | None) -> Decision:
+    """sparse='force': a sparse kernel wherever the weight has zero blocks, even if dense is
+    faster: the fastest measured one, or (no timer) the first candidate block shape."""
+    blocks = candidate_blocks(layer)
+    if not blocks:
+        return Decision(layer, DENSE, None, why="no zero blocks to exploit")
+    if timer is None:
+        variant = variant_for(layer, blocks[0][0])
+        return Decision(
+            layer,
+            variant.name,
+            variant,
+            why=f"sparse='force': {blocks[0][1]:.0%} zero {variant.rows}x{variant.cols} blocks",
+        )
     decision = choose_measured(layer, timer)
-    sparse = {k: v for k, v in decision.times.items() if k != DENSE}
-    if decision.kernel != DENSE or not sparse:
+    if decision.kernel != DENSE:
         return decision
+    sparse = {k: v for k, v in decision.times.items() if k != DENSE}
     best = min(sparse, key=sparse.get)
-    r, c = (int(v) for v in best.split("_")[2].split("x"))
-    return Decision(
-        layer,
-        best,
-        bsr_matmul.Variant(r, c),
-        decision.times,
-        "sparse='force' (dense measured faster)",
-    )
+    variant = next(v for v in bsr_matmul.VARIANTS if v.name == best)
+    return Decision(layer, best, variant, decision.times, "sparse='force' (dense measured faster)")

@@ -1,0 +1,81 @@
+"""Kernel selection: measured choices are the fastest measured, policies behave as documented."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import single_node_model
+from onnx import TensorProto
+
+import tvm_sparse
+from tvm_sparse.examples import prune_out_in
+from tvm_sparse.passes.collect_sparse_layers import MatmulLayer, weight_key
+from tvm_sparse.selection import DENSE, candidate_blocks, choose_threshold
+
+
+def fc_model(sparsity: float, block=(4, 1), m: int = 16, k: int = 256, n: int = 256, seed=0):
+    rng = np.random.default_rng(seed)
+    w = prune_out_in(rng.standard_normal((n, k)).astype(np.float32), sparsity, block).T
+    return single_node_model(
+        "MatMul",
+        [("x", TensorProto.FLOAT, [m, k])],
+        ("y", TensorProto.FLOAT, [m, n]),
+        {"w": np.ascontiguousarray(w)},
+        name=f"fc{int(sparsity * 100)}",
+    )
+
+
+def layer(sparsity: float, block=(4, 1), shape=(64, 64)) -> MatmulLayer:
+    w = prune_out_in(
+        np.random.default_rng(3).standard_normal(shape).astype(np.float32), sparsity, block
+    )
+    return MatmulLayer(weight_key(w), "xw", w, 8)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
+def test_measured_choice_is_the_fastest_measured(sparsity):
+    cm = tvm_sparse.compile(fc_model(sparsity))
+    (row,) = cm.report
+    times = row["times_us"]
+    assert DENSE in times
+    assert times[row["kernel"]] == min(times.values()), row
+    if sparsity == 0.0:
+        assert row["kernel"] == DENSE and set(times) == {DENSE}
+    if row["kernel"] != DENSE:
+        assert times[row["kernel"]] < times[DENSE]  # never a sparse kernel that measured slower
+
+
+def test_candidates_follow_the_pattern():
+    blocks = dict(candidate_blocks(layer(0.9, (16, 1))))
+    assert (16, 1) in blocks and blocks[(16, 1)] == pytest.approx(0.9, abs=0.02)
+    assert (1, 4) not in blocks  # 16x1-pruned weights have few all-zero 1x4 blocks
+    assert candidate_blocks(layer(0.0)) == []
+
+
+def test_threshold_policy():
+    sparse = choose_threshold(layer(0.9, (8, 1)))
+    assert sparse.variant is not None
+    # The largest listed block whose zero fraction passes: 16x1 if pairs of 8x1 blocks align
+    # often enough, else 8x1 itself; never a block that loses most of the zeros.
+    assert (sparse.variant.rows, sparse.variant.cols) in ((16, 1), (8, 1))
+    assert "threshold" in sparse.why
+    dense = choose_threshold(layer(0.5, (8, 1)))
+    assert dense.kernel == DENSE and "below threshold" in dense.why
+
+
+@pytest.mark.parametrize(
+    "mode, policy", [("off", "measured"), ("force", "measured"), ("auto", "threshold")]
+)
+def test_modes_compile_and_match(mode, policy):
+    model = fc_model(0.9)
+    cm = tvm_sparse.compile(model, sparse=mode, policy=policy)
+    x = np.random.default_rng(4).standard_normal((16, 256)).astype(np.float32)
+    w = np.frombuffer(model.graph.initializer[0].raw_data, np.float32).reshape(256, 256)
+    np.testing.assert_allclose(cm.run({"x": x})[0], x @ w, rtol=1e-4, atol=1e-4)
+    (row,) = cm.report
+    assert (row["kernel"] == DENSE) == (mode == "off")
+
+
+def test_bad_mode_is_a_clear_error():
+    with pytest.raises(tvm_sparse.TvmSparseError, match="sparse: expected one of"):
+        tvm_sparse.compile(fc_model(0.5), sparse="maybe")
