@@ -9,6 +9,7 @@ import tvm
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 from tvm.s_tir import dlight as dl
+
 from tvm_sparse.schedules import default_rules
 
 PHASES = ("simplify", "legalize", "schedule")

@@ -12,9 +12,9 @@ import numpy as np
 import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
-from tvm_sparse.schedules import bsr_matmul
 
 from tvm_sparse.formats import to_bsr
+from tvm_sparse.schedules import bsr_matmul
 
 from .collect_sparse_layers import MatmulLayer, collect_layers, matmul_form, weight_key
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import single_node_model
 from onnx import TensorProto
 
 import tvm_sparse
+from conftest import single_node_model
 from tvm_sparse.examples import prune_out_in
 from tvm_sparse.passes.collect_sparse_layers import MatmulLayer, weight_key
 from tvm_sparse.selection import DENSE, candidate_blocks, choose_threshold

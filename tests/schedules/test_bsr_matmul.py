@@ -22,7 +22,7 @@ from tvm_sparse.schedules.bsr_matmul import VARIANTS, Variant, bsr_gemv, bsr_wx,
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "znver5", "num-cores": 2})
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def build(variant: Variant, n: int, k: int, p: int, nnzb: int, relu: bool):
     if variant.gemv:
         func = bsr_gemv(n, k, variant, nnzb, relu=relu)
