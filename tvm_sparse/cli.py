@@ -40,7 +40,21 @@ def cmd_inspect(args) -> int:
     from .frontend.onnx import load_model
     from .report import format_table, weight_layers
 
-    rows = weight_layers(load_model(args.model))
+    model = load_model(args.model)
+    if args.choose:
+        from .compiler import plan_layers
+
+        rows = plan_layers(
+            model,
+            target=args.target,
+            shapes=dict(args.shape or []) or None,
+            sparse=args.sparse,
+            policy=args.policy,
+        )
+    else:
+        rows = weight_layers(model)
+        for row in rows:
+            row.pop("keys", None)
     if args.json:
         import json
 
@@ -58,11 +72,12 @@ def cmd_compile(args) -> int:
 
     start = time.perf_counter()
     print(f"compiling {args.model} for target {args.target}", file=sys.stderr)
-    shapes = dict(args.shape) if args.shape else None
     cm = compile_model(
         args.model,
         target=args.target,
-        shapes=shapes,
+        shapes=dict(args.shape or []) or None,
+        sparse=args.sparse,
+        policy=args.policy,
         dump_ir=args.dump_ir,
         on_phase=_progress(start),
     )
@@ -100,35 +115,7 @@ def cmd_run(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tvm-sparse",
-        description="Compile pruned and quantized ONNX models to fast TVM kernels for this CPU.",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    p = sub.add_parser(
-        "inspect",
-        help="show each weight layer's shape and sparsity",
-        description="Print one row per weight (MatMul, Gemm, Conv, LSTM/GRU/RNN W "
-        "and R): shape, fraction of zero elements, and fraction of all-zero blocks "
-        "for block shapes RxC (R output rows x C reduction elements).",
-    )
-    p.add_argument("model", help="ONNX model file")
-    p.add_argument("--json", action="store_true", help="print the rows as JSON")
-    p.set_defaults(func=cmd_inspect)
-
-    p = sub.add_parser(
-        "compile",
-        help="compile a model into a deployable directory",
-        description="Import MODEL, optimise and schedule it, and write OUT_DIR "
-        "with model.so (the library), model.json (inputs/outputs/target) and "
-        "report.json (per-layer report). OUT_DIR is replaced atomically.",
-    )
-    p.add_argument("model", help="ONNX model file")
-    p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output directory")
+def _add_target_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--target",
         default="host",
@@ -141,15 +128,74 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=D0,D1,...",
         help="static shape of an input with dynamic dims (repeatable)",
     )
+
+
+def _add_kernel_options(p: argparse.ArgumentParser, default_policy: str) -> None:
+    p.add_argument(
+        "--sparse",
+        choices=("auto", "off", "force"),
+        default="auto",
+        help="auto: a sparse kernel where the policy says it is faster (default); "
+        "off: dense kernels only; force: sparse wherever the weight has zero blocks",
+    )
+    p.add_argument(
+        "--policy",
+        choices=("measured", "threshold"),
+        default=default_policy,
+        help="measured: time every candidate kernel on the target; threshold: decide "
+        f"from the zero-block fraction without timing (default: {default_policy})",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tvm-sparse",
+        description="Compile pruned and quantized ONNX models to fast TVM kernels for this CPU.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "inspect",
+        help="show each weight layer's sparsity and the kernel it would get",
+        description="Print one row per weight (MatMul, Gemm, Conv, LSTM/GRU/RNN W and R): shape, "
+        "fraction of zero elements, fraction of all-zero blocks for block shapes RxC (R output "
+        "rows x C reduction elements of the weight viewed as [out, in]), and the kernel compile "
+        "would choose with the same --sparse/--policy (threshold by default: no timing).",
+    )
+    p.add_argument("model", help="ONNX model file")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument(
+        "--no-choose",
+        dest="choose",
+        action="store_false",
+        help="only measure sparsity; do not work out the kernel choice",
+    )
+    _add_target_options(p)
+    _add_kernel_options(p, default_policy="threshold")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser(
+        "compile",
+        help="compile a model into a deployable directory",
+        description="Import MODEL, choose a dense or block-sparse kernel per layer, schedule and "
+        "build it, and write OUT_DIR with model.so (the library), model.json (inputs, outputs, "
+        "target) and report.json (per layer: kernel chosen, every candidate's time, why). "
+        "OUT_DIR is replaced atomically.",
+    )
+    p.add_argument("model", help="ONNX model file")
+    p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output directory")
+    _add_target_options(p)
+    _add_kernel_options(p, default_policy="measured")
     p.add_argument("--dump-ir", metavar="DIR", help="write the IR after each pipeline phase")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser(
         "run",
         help="run a compiled model on inputs from a .npz file",
-        description="Load OUT_DIR written by 'tvm-sparse compile', run it on the "
-        "arrays of INPUTS.npz (one per model input, by name) and print or save "
-        "the outputs.",
+        description="Load OUT_DIR written by 'tvm-sparse compile', run it on the arrays of "
+        "INPUTS.npz (one per model input, by name) and print or save the outputs.",
     )
     p.add_argument("model_dir", metavar="OUT_DIR", help="directory written by 'compile'")
     p.add_argument("--inputs", required=True, metavar="INPUTS.npz", help="input arrays by name")

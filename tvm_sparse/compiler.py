@@ -53,6 +53,48 @@ def _layer_report(proto: onnx.ModelProto, decisions: list) -> list[dict]:
     return rows
 
 
+def _select(model, target, shapes, sparse, policy, dump_ir=None, on_phase=None):
+    """Import, simplify, collect the weight layers and choose a kernel for each."""
+    from tvm_sparse.passes import optimize
+    from tvm_sparse.passes.collect_sparse_layers import collect_layers
+    from tvm_sparse.passes.rewrite_conv1x1_to_matmul import RewriteConv1x1ToMatmul, pointwise_convs
+
+    from .selection import select
+
+    if sparse not in SPARSE_MODES:
+        raise TvmSparseError(f"sparse: expected one of {SPARSE_MODES}, got {sparse!r}")
+    if policy not in POLICIES:
+        raise TvmSparseError(f"policy: expected one of {POLICIES}, got {policy!r}")
+    proto = load_model(model)
+    specs = input_specs(proto, shapes)
+    tgt = resolve_target(target)
+    if on_phase:
+        on_phase("import")
+    mod = from_onnx(proto, {s.name: list(s.shape) for s in specs})
+    mod = optimize(mod, tgt, dump_dir=dump_ir, on_phase=on_phase, phases=("simplify",))
+    # Pointwise convs are candidates in their matmul form, but stay convs unless they go sparse.
+    convs = pointwise_convs(mod)
+    layers = collect_layers(RewriteConv1x1ToMatmul()(mod))
+    for layer in layers:
+        layer.conv_hw = convs.get(layer.key)
+    if on_phase:
+        on_phase(f"select kernels for {len(layers)} layers (sparse={sparse}, policy={policy})")
+    progress = None
+    if on_phase and policy == "measured" and sparse != "off":
+
+        def progress(i, n):
+            on_phase(f"  timing candidates of layer {i + 1}/{n}")
+
+    decisions = select(layers, sparse, policy, tgt, progress=progress)
+    return proto, specs, tgt, mod, decisions
+
+
+def plan_layers(model, target="host", shapes=None, sparse="auto", policy="threshold"):
+    """The report rows compile() would produce (kernel choice per layer), without building."""
+    proto, _, _, _, decisions = _select(model, target, shapes, sparse, policy)
+    return _layer_report(proto, decisions)
+
+
 def compile(  # noqa: A001 - the public name the API promises
     model: str | os.PathLike | onnx.ModelProto,
     target: str | dict = "host",
@@ -91,33 +133,15 @@ def compile(  # noqa: A001 - the public name the API promises
         ``.run(inputs)`` -> list of arrays in graph-output order; ``.report`` per layer.
     """
     from tvm_sparse.passes import lowering_pipeline, optimize
-    from tvm_sparse.passes.collect_sparse_layers import collect_layers
-    from tvm_sparse.passes.rewrite_conv1x1_to_matmul import RewriteConv1x1ToMatmul, pointwise_convs
+    from tvm_sparse.passes.rewrite_conv1x1_to_matmul import RewriteConv1x1ToMatmul
     from tvm_sparse.passes.rewrite_dense_to_bsr import RewriteDenseToBSR
 
-    from .selection import select
-
-    if sparse not in SPARSE_MODES:
-        raise TvmSparseError(f"sparse: expected one of {SPARSE_MODES}, got {sparse!r}")
-    if policy not in POLICIES:
-        raise TvmSparseError(f"policy: expected one of {POLICIES}, got {policy!r}")
-    proto = load_model(model)
-    specs = input_specs(proto, shapes)
-    tgt = resolve_target(target)
-    if on_phase:
-        on_phase("import")
-    mod = from_onnx(proto, {s.name: list(s.shape) for s in specs})
-    mod = optimize(mod, tgt, dump_dir=dump_ir, on_phase=on_phase, phases=("simplify",))
-    # Pointwise convs are candidates in their matmul form, but stay convs unless they go sparse.
-    convs = pointwise_convs(mod)
-    layers = collect_layers(RewriteConv1x1ToMatmul()(mod))
-    for layer in layers:
-        layer.conv_hw = convs.get(layer.key)
-    if on_phase:
-        on_phase(f"select kernels ({len(layers)} layers, sparse={sparse}, policy={policy})")
-    decisions = select(layers, sparse, policy, tgt)
+    proto, specs, tgt, mod, decisions = _select(
+        model, target, shapes, sparse, policy, dump_ir, on_phase
+    )
     plan = {d.layer.key: d.variant for d in decisions if d.variant is not None}
-    mod = RewriteConv1x1ToMatmul(only=set(plan) & set(convs))(mod)
+    convs = {d.layer.key for d in decisions if d.layer.conv_hw is not None}
+    mod = RewriteConv1x1ToMatmul(only=set(plan) & convs)(mod)
     mod = RewriteDenseToBSR(plan)(mod)
     mod = optimize(mod, tgt, dump_dir=dump_ir, on_phase=on_phase, phases=("legalize", "schedule"))
     if on_phase:
