@@ -9,8 +9,9 @@ def default_rules() -> list[dl.ScheduleRule]:
     """Rules in priority order: the first that accepts a PrimFunc schedules it."""
     from .generic import Generic
     from .matmul import Matmul
+    from .transpose import Transpose
 
-    rules: list[dl.ScheduleRule] = [Matmul()]
+    rules: list[dl.ScheduleRule] = [Matmul(), Transpose()]
     try:
         from .conv2d import Conv2d
     except ImportError:  # pragma: no cover - conv rule not available

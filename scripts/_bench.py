@@ -64,3 +64,36 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray
     from tvm_sparse.frontend.onnx import random_inputs as make
 
     return make(input_specs(model), seed)
+
+
+def macs(model: onnx.ModelProto) -> tuple[float, float]:
+    """(dense MACs, MACs on nonzero weights) of the MatMul/Gemm/Conv/LSTM/GRU layers."""
+    from onnx import numpy_helper, shape_inference
+
+    inferred = shape_inference.infer_shapes(model)
+    shapes = {}
+    for v in (
+        list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output)
+    ):
+        shapes[v.name] = [d.dim_value for d in v.type.tensor_type.shape.dim]
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    dense = nonzero = 0.0
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Gemm") and node.input[1] in consts:
+            w = consts[node.input[1]]
+            rows = int(np.prod(shapes[node.input[0]][:-1]))
+            dense += rows * w.size
+            nonzero += rows * np.count_nonzero(w)
+        elif node.op_type == "Conv" and node.input[1] in consts:
+            w = consts[node.input[1]]
+            out = shapes[node.output[0]]
+            pixels = out[2] * out[3] * out[0]
+            dense += pixels * w.size
+            nonzero += pixels * np.count_nonzero(w)
+        elif node.op_type in ("LSTM", "GRU", "RNN"):
+            steps = shapes[node.input[0]][0] * shapes[node.input[0]][1]
+            for idx in (1, 2):
+                w = consts[node.input[idx]]
+                dense += steps * w.size
+                nonzero += steps * np.count_nonzero(w)
+    return dense, nonzero
