@@ -26,21 +26,31 @@ ACCUMULATOR_BYTES = 1024  # "global" scratch under this size is promoted to regi
 
 @dataclass(frozen=True)
 class Variant:
-    """A kernel variant: block shape R x C, and whether it is the GEMV (P = 1) form."""
+    """A kernel variant: block shape R x C and form.
+
+    Forms: "wx" (Y = W . X with X [K, P] K-major, vectorised over P), "gemv" (P = 1,
+    vectorised over the R rows of a block), "xw" (Y = X . W^T with X [M, K] row-major,
+    vectorised over R, a tile of M rows: no activation transposes; R >= 8 only).
+    """
 
     rows: int
     cols: int
-    gemv: bool = False
+    form: str = "wx"
+
+    @property
+    def gemv(self) -> bool:
+        return self.form == "gemv"
 
     @property
     def name(self) -> str:
-        return f"bsr_{'gemv' if self.gemv else 'wx'}_{self.rows}x{self.cols}_f32"
+        return f"bsr_{self.form}_{self.rows}x{self.cols}_f32"
 
 
+BLOCKS = ((1, 1), (4, 1), (8, 1), (16, 1), (1, 4), (4, 4), (8, 8))
 VARIANTS: tuple[Variant, ...] = tuple(
-    Variant(r, c, gemv)
-    for gemv in (False, True)
-    for (r, c) in ((1, 1), (4, 1), (8, 1), (16, 1), (1, 4), (4, 4), (8, 8))
+    [Variant(r, c, "wx") for r, c in BLOCKS]
+    + [Variant(r, c, "gemv") for r, c in BLOCKS]
+    + [Variant(r, c, "xw") for r, c in BLOCKS if r >= 8]
 )
 
 
@@ -54,8 +64,8 @@ def column_tile(rows: int, p: int) -> int:
 
 
 def pack(bsr: BSR, variant: Variant) -> np.ndarray:
-    """Block data in the layout the variant reads: [nnzb, R, C] (wx) or [nnzb, C, R] (gemv)."""
-    data = bsr.data if not variant.gemv else bsr.data.transpose(0, 2, 1)
+    """Block data in the layout the variant reads: [nnzb, R, C] (wx), [nnzb, C, R] (gemv, xw)."""
+    data = bsr.data if variant.form == "wx" else bsr.data.transpose(0, 2, 1)
     return np.ascontiguousarray(data, dtype=np.float32)
 
 
@@ -172,6 +182,68 @@ def bsr_gemv(n: int, k: int, variant: Variant, nnzb: int, relu: bool = False) ->
                             acc[i] = acc[i] + data[blk, kk, i] * x[indices[blk] * c + kk]
                 for i in T.vectorized(r):
                     y[vb * r + i] = T.max(acc[i] + bias[vb * r + i], T.float32(floor))
+
+    return _attrs(kernel, variant)
+
+
+def row_tile(m: int) -> int:
+    """Rows of X per "xw" register tile (one accumulator register per row)."""
+    for tile in (16, 12, 8, 6, 4, 2, 1):
+        if m % tile == 0:
+            return tile
+    return 1
+
+
+def bsr_xw(
+    m: int, n: int, k: int, variant: Variant, nnzb: int, relu: bool = False
+) -> tirx.PrimFunc:
+    """Y[M, N] = max(X . W^T + bias[N], floor) for row-major X [M, K]; data stored [nnzb, C, R].
+
+    Per stored block and reduction element: one vector load of the block column (R outputs)
+    and one broadcast of X per row of the tile, so no transpose of X or Y is needed.
+    """
+    r, c = variant.rows, variant.cols
+    nb, nnzb_, mt = n // r, max(nnzb, 1), row_tile(m)
+    floor = 0.0 if relu else FLOAT_MIN
+
+    @T.prim_func(s_tir=True)
+    def kernel(
+        X: T.Buffer((m, k), "float32"),
+        data: T.Buffer((nnzb_, c, r), "float32"),
+        indices: T.Buffer((nnzb_,), "int32"),
+        indptr: T.Buffer((nb + 1,), "int32"),
+        bias: T.Buffer((n,), "float32"),
+        Y: T.Buffer((m, n), "float32"),
+    ):
+        for br in T.parallel(nb):
+            for m0 in range(m // mt):
+                with T.sblock("tile"):
+                    vb, vm = T.axis.remap("SS", [br, m0])
+                    T.reads(
+                        X[vm * mt : vm * mt + mt, 0:k],
+                        data[0:nnzb_, 0:c, 0:r],
+                        indices[0:nnzb_],
+                        indptr[vb : vb + 2],
+                        bias[vb * r : vb * r + r],
+                    )
+                    T.writes(Y[vm * mt : vm * mt + mt, vb * r : vb * r + r])
+                    acc = T.sblock_alloc_buffer((mt, r), "float32", scope="global")
+                    for mi in T.unroll(mt):
+                        for i in T.vectorized(r):
+                            acc[mi, i] = T.float32(0)
+                    for blk in range(indptr[vb], indptr[vb + 1]):
+                        for kk in range(c):
+                            for mi in T.unroll(mt):
+                                for i in T.vectorized(r):
+                                    acc[mi, i] = (
+                                        acc[mi, i]
+                                        + X[vm * mt + mi, indices[blk] * c + kk] * data[blk, kk, i]
+                                    )
+                    for mi in T.unroll(mt):
+                        for i in T.vectorized(r):
+                            Y[vm * mt + mi, vb * r + i] = T.max(
+                                acc[mi, i] + bias[vb * r + i], T.float32(floor)
+                            )
 
     return _attrs(kernel, variant)
 

@@ -56,8 +56,23 @@ def candidate_blocks(layer: MatmulLayer) -> list[tuple[tuple[int, int], float]]:
 
 
 def variant_for(layer: MatmulLayer, block: tuple[int, int]) -> bsr_matmul.Variant:
-    """The kernel variant `emit_bsr` uses for this layer (GEMV for one activation column)."""
-    return bsr_matmul.Variant(block[0], block[1], gemv=layer.columns == 1)
+    """The K-major kernel variant for this layer (GEMV for one activation column)."""
+    return bsr_matmul.Variant(block[0], block[1], "gemv" if layer.columns == 1 else "wx")
+
+
+def variants_for(layer: MatmulLayer, block: tuple[int, int]) -> list[bsr_matmul.Variant]:
+    """Every kernel form worth timing for this layer and block: the K-major one, plus the
+    transpose-free row-major one for "xw" layers with tall blocks and several rows."""
+    out = [variant_for(layer, block)]
+    xw = bsr_matmul.Variant(block[0], block[1], "xw")
+    if (
+        layer.form == "xw"
+        and layer.columns > 1
+        and xw in bsr_matmul.VARIANTS
+        and bsr_matmul.row_tile(layer.columns) >= 4
+    ):
+        out.append(xw)
+    return out
 
 
 def choose_threshold(layer: MatmulLayer, weight_threshold: float = 0.7) -> Decision:
@@ -185,9 +200,9 @@ def choose_measured(layer: MatmulLayer, timer: Timer) -> Decision:
     times = {DENSE: timer.time_dense(layer)}
     variants = {}
     for block, _ in candidate_blocks(layer):
-        variant = variant_for(layer, block)
-        variants[variant.name] = variant
-        times[variant.name] = timer.time_bsr(layer, variant)
+        for variant in variants_for(layer, block):
+            variants[variant.name] = variant
+            times[variant.name] = timer.time_bsr(layer, variant)
     best = min(times, key=times.get)
     if best == DENSE:
         why = "dense measured fastest" if len(times) > 1 else "no zero blocks to exploit"

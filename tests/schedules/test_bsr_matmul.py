@@ -17,7 +17,15 @@ from hypothesis import strategies as st
 from tvm_sparse.examples import prune_out_in
 from tvm_sparse.formats import to_bsr
 from tvm_sparse.schedules import bsr_matmul
-from tvm_sparse.schedules.bsr_matmul import VARIANTS, Variant, bsr_gemv, bsr_wx, pack, reference
+from tvm_sparse.schedules.bsr_matmul import (
+    VARIANTS,
+    Variant,
+    bsr_gemv,
+    bsr_wx,
+    bsr_xw,
+    pack,
+    reference,
+)
 
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "znver5", "num-cores": 2})
 
@@ -26,6 +34,8 @@ TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "znver5", "num-cores": 2})
 def build(variant: Variant, n: int, k: int, p: int, nnzb: int, relu: bool):
     if variant.gemv:
         func = bsr_gemv(n, k, variant, nnzb, relu=relu)
+    elif variant.form == "xw":
+        func = bsr_xw(p, n, k, variant, nnzb, relu=relu)
     else:
         func = bsr_wx(n, k, p, variant, nnzb, relu=relu)
     return tvm.compile(func.with_attr("global_symbol", "main"), target=TARGET)
@@ -43,19 +53,21 @@ def check(variant: Variant, w: np.ndarray, p: int, relu: bool, seed: int = 0) ->
     if bsr.nnzb == 0:  # kernels take at least one (unused) block
         data = np.zeros((1,) + data.shape[1:], np.float32)
         indices = np.zeros(1, np.int32)
-    out = tvm.runtime.tensor(
-        np.full((npad, p) if not variant.gemv else (npad,), np.nan, np.float32)
-    )
+    row_major = variant.form == "xw"  # X [M, K] and Y [M, N]: the transposed problem
+    operand = np.ascontiguousarray(x.T) if row_major else x
+    shape = (p, npad) if row_major else ((npad, p) if not variant.gemv else (npad,))
+    out = tvm.runtime.tensor(np.full(shape, np.nan, np.float32))
     lib = build(variant, npad, kpad, p, bsr.nnzb, relu)
-    lib(*[tvm.runtime.tensor(a) for a in (x, data, indices, bsr.indptr, bias)], out)
+    lib(*[tvm.runtime.tensor(a) for a in (operand, data, indices, bsr.indptr, bias)], out)
     wpad = np.zeros((npad, kpad), np.float32)
     wpad[:n, :k] = w
-    ref = reference(wpad, x if variant.gemv else x, bias, relu)
+    ref = reference(wpad, x, bias, relu)
+    ref = ref.T if row_major else ref
     got = out.numpy()
     bad = np.argwhere(~np.isclose(got, ref, rtol=1e-5, atol=1e-5))
     assert not bad.size, (
         f"{variant.name} {n}x{k}x{p}: {len(bad)} wrong, first at {tuple(bad[0])} "
-        f"(block row {bad[0][0] // variant.rows}): got {got[tuple(bad[0])]}, "
+        f"(block row {bad[0][-1 if row_major else 0] // variant.rows}): got {got[tuple(bad[0])]}, "
         f"want {ref[tuple(bad[0])]}"
     )
 
@@ -71,7 +83,7 @@ def test_every_variant(variant, sparsity):
 
 
 @pytest.mark.parametrize("variant", [v for v in VARIANTS if not v.gemv], ids=lambda v: v.name)
-@pytest.mark.parametrize("p", [16, 48, 64, 80])
+@pytest.mark.parametrize("p", [16, 48, 64, 80, 6])
 def test_column_tiles(variant, p):
     w = prune_out_in(
         np.random.default_rng(2).standard_normal((32, 32)).astype(np.float32),
@@ -106,3 +118,4 @@ def test_column_tile_fits_the_register_budget():
             tile = bsr_matmul.column_tile(variant.rows, p)
             assert p % tile == 0
             assert variant.rows * tile * 4 <= bsr_matmul.ACCUMULATOR_BYTES
+            assert p % bsr_matmul.row_tile(p) == 0
