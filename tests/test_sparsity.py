@@ -47,3 +47,22 @@ def test_prune_weight_in_onnx_layouts(rng):
     mm = rng.standard_normal((32, 16)).astype(np.float32)  # [K, N]
     stats = weight_stats(as_out_in("MatMul", prune_weight("MatMul", mm, 0.5, (16, 1))))
     assert stats["zero_blocks"]["16x1"] == pytest.approx(0.5)
+
+
+def test_gate_sparsity_follows_onnx_gate_order(rng):
+    from tvm_sparse.sparsity import gate_sparsity
+
+    w = rng.standard_normal((2, 4 * 8, 5)).astype(np.float32)
+    w[:, 8:16] = 0  # gate "o" (order i, o, f, c)
+    stats = gate_sparsity("LSTM", w)
+    assert stats == {"i": 0.0, "o": 1.0, "f": 0.0, "c": 0.0}
+
+
+def test_report_has_per_gate_sparsity_for_selective_pruning():
+    from tvm_sparse.examples import lstm
+    from tvm_sparse.report import weight_layers
+
+    model = lstm(4, 1, 32, 64, gate_sparsity={"i": 0.9, "o": 0.9, "f": 0.9, "c": 0.0})
+    (row,) = weight_layers(model)
+    gates = row["weights"]["R"]["gates"]
+    assert gates["c"] == 0.0 and all(gates[g] == pytest.approx(0.9, abs=0.01) for g in "iof")

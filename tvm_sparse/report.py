@@ -7,7 +7,7 @@ import onnx
 from onnx import numpy_helper
 
 from .passes.collect_sparse_layers import weight_key
-from .sparsity import as_out_in, weight_stats
+from .sparsity import GATES, as_out_in, gate_sparsity, weight_stats
 
 # Input positions of the weight tensors of each weight-carrying op.
 WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
@@ -66,6 +66,8 @@ def weight_layers(model: onnx.ModelProto) -> list[dict]:
                     continue
                 views = as_out_in(node.op_type, w, trans_b)
                 weights[label] = {"shape": list(w.shape), **weight_stats(views)}
+                if node.op_type in GATES:
+                    weights[label]["gates"] = gate_sparsity(node.op_type, w)
                 keys += [weight_key(v) for v in views]
         rows.append(
             {

@@ -52,3 +52,15 @@ def weight_stats(views: list[np.ndarray], blocks=DEFAULT_BLOCKS) -> dict:
         weighted = sum(f * n for f, n in zip(fracs, nblocks)) / max(sum(nblocks), 1)
         stats["zero_blocks"][f"{block[0]}x{block[1]}"] = float(weighted)
     return stats
+
+
+GATES = {"LSTM": "iofc", "GRU": "zrh", "RNN": "h"}  # ONNX gate order of W and R rows
+
+
+def gate_sparsity(op_type: str, weight: np.ndarray) -> dict[str, float]:
+    """Element sparsity of each gate's rows of an LSTM/GRU/RNN W or R ([dirs, gates*H, in])."""
+    names = GATES[op_type]
+    hidden = weight.shape[1] // len(names)
+    return {
+        g: element_sparsity(weight[:, k * hidden : (k + 1) * hidden]) for k, g in enumerate(names)
+    }
