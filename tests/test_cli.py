@@ -128,3 +128,24 @@ def test_run_with_missing_or_corrupt_out_dir(tmp_path, model_file):
     (tmp_path / "b2" / "model.so").write_bytes(b"\x7fELF garbage")
     assert_clean_failure(cli("run", tmp_path / "b2", "--inputs", inputs), "model.so")
     assert_clean_failure(cli("run", tmp_path / "b2", "--inputs", tmp_path / "none.npz"))
+
+
+def test_calibration_and_sparse_flags(tmp_path, rng):
+    from tvm_sparse.examples import mobilenet_v1
+
+    model = mobilenet_v1(size=32, width=0.25, classes=16, sparsity=0.9, block=(4, 1))
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    np.savez(
+        tmp_path / "calib.npz", input=rng.standard_normal((2, 1, 3, 32, 32)).astype(np.float32)
+    )
+    result = cli("inspect", path, "--calib", tmp_path / "calib.npz")
+    assert result.returncode == 0, result.stderr
+    assert "bsr_" in result.stdout  # threshold policy picks sparse kernels for 90 % 4x1 blocks
+    result = cli("compile", path, "-o", tmp_path / "b", "--sparse", "off")
+    assert result.returncode == 0 and "bsr_" not in result.stdout
+    assert_clean_failure(
+        cli("compile", path, "-o", tmp_path / "c", "--calib", tmp_path / "none.npz"),
+        "--calib",
+        "no such file",
+    )

@@ -36,6 +36,22 @@ def _progress(start: float):
     return on_phase
 
 
+def _calibration(path: str | None):
+    if path is None:
+        return None
+    import numpy as np
+
+    from .errors import InputError
+
+    try:
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise InputError(f"--calib {path}: no such file") from None
+    except Exception as err:
+        raise InputError(f"--calib {path}: not a .npz file ({type(err).__name__})") from None
+
+
 def cmd_inspect(args) -> int:
     from .frontend.onnx import load_model
     from .report import format_table, weight_layers
@@ -50,6 +66,7 @@ def cmd_inspect(args) -> int:
             shapes=dict(args.shape or []) or None,
             sparse=args.sparse,
             policy=args.policy,
+            calibration=_calibration(args.calib),
         )
     else:
         rows = weight_layers(model)
@@ -78,6 +95,7 @@ def cmd_compile(args) -> int:
         shapes=dict(args.shape or []) or None,
         sparse=args.sparse,
         policy=args.policy,
+        calibration=_calibration(args.calib),
         dump_ir=args.dump_ir,
         on_phase=_progress(start),
     )
@@ -144,6 +162,13 @@ def _add_kernel_options(p: argparse.ArgumentParser, default_policy: str) -> None
         default=default_policy,
         help="measured: time every candidate kernel on the target; threshold: decide "
         f"from the zero-block fraction without timing (default: {default_policy})",
+    )
+    p.add_argument(
+        "--calib",
+        metavar="DATA.npz",
+        help="sample inputs (arrays by input name, samples stacked on a first axis) to measure "
+        "each layer's input sparsity; batch-1 layers with mostly-zero inputs then also try "
+        "input-sparse kernels",
     )
 
 

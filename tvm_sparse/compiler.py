@@ -39,7 +39,7 @@ def _layer_report(proto: onnx.ModelProto, decisions: list) -> list[dict]:
             row.update(kernel="dense", why="not in matmul form (dense conv schedule)")
     for d in decisions:  # layers the importer created (e.g. recurrent input projections)
         if d.layer.key not in matched:
-            n, k = d.layer.shape
+            n, k = d.layer.view.shape if hasattr(d.layer, "view") else d.layer.shape
             rows.append(
                 {
                     "op": "MatMul",
@@ -53,13 +53,14 @@ def _layer_report(proto: onnx.ModelProto, decisions: list) -> list[dict]:
     return rows
 
 
-def _select(model, target, shapes, sparse, policy, dump_ir=None, on_phase=None):
+def _select(model, target, shapes, sparse, policy, dump_ir=None, on_phase=None, calibration=None):
     """Import, simplify, collect the weight layers and choose a kernel for each."""
     from tvm_sparse.passes import optimize
     from tvm_sparse.passes.collect_sparse_layers import collect_layers
     from tvm_sparse.passes.rewrite_conv1x1_to_matmul import RewriteConv1x1ToMatmul, pointwise_convs
+    from tvm_sparse.passes.rewrite_conv_to_bsr import collect_conv_layers
 
-    from .selection import select
+    from .selection import select, select_convs
 
     if sparse not in SPARSE_MODES:
         raise TvmSparseError(f"sparse: expected one of {SPARSE_MODES}, got {sparse!r}")
@@ -85,13 +86,25 @@ def _select(model, target, shapes, sparse, policy, dump_ir=None, on_phase=None):
         def progress(i, n):
             on_phase(f"  timing candidates of layer {i + 1}/{n}")
 
-    decisions = select(layers, sparse, policy, tgt, progress=progress)
+    inputs = None
+    if calibration is not None:
+        from .calibration import input_sparsity_by_key, measure_input_sparsity
+
+        if on_phase:
+            on_phase("calibrate: measuring input sparsity")
+        inputs = input_sparsity_by_key(proto, measure_input_sparsity(proto, calibration))
+    decisions = select(layers, sparse, policy, tgt, progress=progress, input_sparsity=inputs)
+    decisions += select_convs(collect_conv_layers(mod), sparse, policy, tgt, progress=progress)
     return proto, specs, tgt, mod, decisions
 
 
-def plan_layers(model, target="host", shapes=None, sparse="auto", policy="threshold"):
+def plan_layers(
+    model, target="host", shapes=None, sparse="auto", policy="threshold", calibration=None
+):
     """The report rows compile() would produce (kernel choice per layer), without building."""
-    proto, _, _, _, decisions = _select(model, target, shapes, sparse, policy)
+    proto, _, _, _, decisions = _select(
+        model, target, shapes, sparse, policy, calibration=calibration
+    )
     return _layer_report(proto, decisions)
 
 
@@ -102,6 +115,7 @@ def compile(  # noqa: A001 - the public name the API promises
     *,
     sparse: str = "auto",
     policy: str = "measured",
+    calibration: dict | None = None,
     dump_ir: str | None = None,
     on_phase: Callable[[str], None] | None = None,
 ) -> CompiledModel:
@@ -122,6 +136,10 @@ def compile(  # noqa: A001 - the public name the API promises
     policy
         ``"measured"``: time every candidate kernel on the target (cached per layer signature);
         ``"threshold"``: seed 004's rule on the zero-block fraction, no timing.
+    calibration
+        Sample inputs ({input name: array}, samples stacked on a new first axis or one
+        sample) to measure each layer's input (activation) sparsity; batch-1 layers whose
+        inputs are mostly zeros then also try input-sparse kernels (seed 004).
     dump_ir
         Directory to write the IR after each pipeline phase to.
     on_phase
@@ -133,16 +151,25 @@ def compile(  # noqa: A001 - the public name the API promises
         ``.run(inputs)`` -> list of arrays in graph-output order; ``.report`` per layer.
     """
     from tvm_sparse.passes import lowering_pipeline, optimize
+    from tvm_sparse.passes.collect_sparse_layers import MatmulLayer
     from tvm_sparse.passes.rewrite_conv1x1_to_matmul import RewriteConv1x1ToMatmul
+    from tvm_sparse.passes.rewrite_conv_to_bsr import RewriteConvToBSR
     from tvm_sparse.passes.rewrite_dense_to_bsr import RewriteDenseToBSR
+    from tvm_sparse.passes.rewrite_input_sparse import RewriteInputSparse
 
     proto, specs, tgt, mod, decisions = _select(
-        model, target, shapes, sparse, policy, dump_ir, on_phase
+        model, target, shapes, sparse, policy, dump_ir, on_phase, calibration
     )
-    plan = {d.layer.key: d.variant for d in decisions if d.variant is not None}
-    convs = {d.layer.key for d in decisions if d.layer.conv_hw is not None}
-    mod = RewriteConv1x1ToMatmul(only=set(plan) & convs)(mod)
-    mod = RewriteDenseToBSR(plan)(mod)
+    chosen = [d for d in decisions if d.kernel != "dense"]
+    matmuls = [d for d in chosen if isinstance(d.layer, MatmulLayer)]
+    bsr_plan = {d.layer.key: d.variant for d in matmuls if d.variant is not None}
+    input_plan = {d.layer.key: d.kernel for d in matmuls if d.variant is None}
+    conv_plan = {d.layer.key: d.kernel for d in chosen if not isinstance(d.layer, MatmulLayer)}
+    pointwise = {d.layer.key for d in matmuls if d.layer.conv_hw is not None}
+    mod = RewriteConvToBSR(conv_plan)(mod)
+    mod = RewriteConv1x1ToMatmul(only=pointwise)(mod)
+    mod = RewriteInputSparse(input_plan)(mod)
+    mod = RewriteDenseToBSR(bsr_plan)(mod)
     mod = optimize(mod, tgt, dump_dir=dump_ir, on_phase=on_phase, phases=("legalize", "schedule"))
     if on_phase:
         on_phase("build")

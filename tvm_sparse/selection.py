@@ -10,6 +10,7 @@ reaches `weight_threshold`, with the largest block shape that keeps most of the 
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -75,9 +76,23 @@ def variants_for(layer: MatmulLayer, block: tuple[int, int]) -> list[bsr_matmul.
     return out
 
 
-def choose_threshold(layer: MatmulLayer, weight_threshold: float = 0.7) -> Decision:
+def choose_threshold(
+    layer: MatmulLayer,
+    weight_threshold: float = 0.7,
+    input_sparsity: float | None = None,
+    input_threshold: float = 0.6,
+) -> Decision:
+    """Seed 004's mode choice: weight-sparse kernel when the weight's zero-block fraction
+    reaches `weight_threshold`, else input-sparse when the calibration's input zeros reach
+    `input_threshold` (batch-1 layers), else dense."""
+    from .passes.rewrite_input_sparse import input_sparse_candidates
+
     blocks = candidate_blocks(layer)
     best = next(((b, z) for b, z in blocks if z >= weight_threshold), None)
+    inputs = input_sparse_candidates(layer, input_sparsity or 0.0)
+    if best is None and inputs and input_sparsity >= input_threshold:
+        why = f"input {input_sparsity:.0%} zeros >= threshold {input_threshold:.0%}"
+        return Decision(layer, inputs[0], None, why=why)
     if best is None:
         top = max((z for _, z in blocks), default=0.0)
         return Decision(
@@ -196,21 +211,31 @@ def _bsr_module(layer: MatmulLayer, variant: bsr_matmul.Variant) -> tvm.IRModule
     return _layer_module(layer, lambda bb, x: emit_bsr(bb, layer, variant, x))
 
 
-def choose_measured(layer: MatmulLayer, timer: Timer) -> Decision:
+def choose_measured(
+    layer: MatmulLayer, timer: Timer, input_sparsity: float | None = None
+) -> Decision:
+    from .passes.rewrite_input_sparse import input_sparse_candidates, time_input_sparse
+
     times = {DENSE: timer.time_dense(layer)}
     variants = {}
     for block, _ in candidate_blocks(layer):
         for variant in variants_for(layer, block):
             variants[variant.name] = variant
             times[variant.name] = timer.time_bsr(layer, variant)
+    for name in input_sparse_candidates(layer, input_sparsity or 0.0):  # seed 004
+        variants[name] = None
+        times[name] = time_input_sparse(
+            layer, name, timer.target, input_sparsity, cache=timer.cache
+        )
     best = min(times, key=times.get)
     if best == DENSE:
         why = "dense measured fastest" if len(times) > 1 else "no zero blocks to exploit"
         return Decision(layer, DENSE, None, times, why)
     speedup = times[DENSE] / times[best]
-    return Decision(
-        layer, best, variants[best], times, f"measured fastest: {speedup:.1f}x faster than dense"
-    )
+    why = f"measured fastest: {speedup:.1f}x faster than dense"
+    if variants[best] is None:
+        why += f" (input {input_sparsity:.0%} zeros in calibration)"
+    return Decision(layer, best, variants[best], times, why)
 
 
 def select(
@@ -220,10 +245,14 @@ def select(
     target: tvm.target.Target,
     progress=None,
     cache: dict | None = None,
+    input_sparsity: dict[str, float] | None = None,
 ) -> list[Decision]:
     """One Decision per layer for `sparse` ("auto", "off", "force") under `policy`
-    ("measured": time the candidates; "threshold": decide from zero-block fractions)."""
+    ("measured": time the candidates; "threshold": decide from zero-block fractions).
+    `input_sparsity` ({layer key: zero fraction of its input}, from calibration) adds the
+    input-sparse candidates of seed 004."""
     timer = Timer(target, cache) if policy == "measured" and sparse != "off" else None
+    inputs = input_sparsity or {}
     decisions = []
     for i, layer in enumerate(layers):
         if progress:
@@ -233,10 +262,62 @@ def select(
         elif sparse == "force":
             decisions.append(_force(layer, timer))
         elif timer is None:
-            decisions.append(choose_threshold(layer))
+            decisions.append(choose_threshold(layer, input_sparsity=inputs.get(layer.key)))
         else:
-            decisions.append(choose_measured(layer, timer))
+            decisions.append(choose_measured(layer, timer, inputs.get(layer.key)))
     return decisions
+
+
+_CONV_BLOCK = re.compile(r"_(\d+)x(\d+)_")
+
+
+def select_convs(
+    layers: list,
+    sparse: str,
+    policy: str,
+    target: tvm.target.Target,
+    progress=None,
+    cache: dict | None = None,
+) -> list[Decision]:
+    """The same choice for KxK/strided conv layers (`rewrite_conv_to_bsr.ConvLayer`)."""
+    from .passes.rewrite_conv_to_bsr import conv_candidates, time_conv_candidate
+
+    cache = cache if cache is not None else _PROCESS_CACHE.setdefault(str(target), {})
+    decisions = []
+    for i, layer in enumerate(layers):
+        if progress:
+            progress(i, len(layers))
+        names = conv_candidates(layer)
+        sparse_names = names[1:]
+        if sparse == "off" or not sparse_names:
+            why = "sparse='off'" if sparse == "off" else "no zero blocks to exploit"
+            decisions.append(Decision(layer, DENSE, None, why=why))
+            continue
+        if policy == "threshold":
+            zeros = {n: zero_block_fraction(layer.view, _block_of(n)) for n in sparse_names}
+            name = next((n for n in sparse_names if zeros[n] >= 0.7), None)
+            if name is None and sparse == "force":
+                name = sparse_names[0]
+            if name:
+                why = f"{zeros[name]:.0%} zero blocks"
+            else:
+                why = f"zero-block fraction {max(zeros.values()):.0%} below threshold 70%"
+            decisions.append(Decision(layer, name or DENSE, None, why=why))
+            continue
+        times = {n: time_conv_candidate(layer, n, target, cache=cache) for n in names}
+        pool = {n: t for n, t in times.items() if n != DENSE} if sparse == "force" else times
+        best = min(pool, key=pool.get)
+        if best == DENSE:
+            why = "dense measured fastest"
+        else:
+            why = f"measured fastest: {times[DENSE] / times[best]:.1f}x faster than dense"
+        decisions.append(Decision(layer, best, None, times, why))
+    return decisions
+
+
+def _block_of(name: str) -> tuple[int, int]:
+    r, c = _CONV_BLOCK.search(name).groups()
+    return int(r), int(c)
 
 
 def _force(layer: MatmulLayer, timer: Timer | None) -> Decision:
