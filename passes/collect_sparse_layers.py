@@ -98,11 +98,11 @@ def _is_op(expr, name: str) -> bool:
     return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == name
 
 
-def collect_layers(mod: tvm.IRModule) -> list[MatmulLayer]:
-    """Every matmul-form weight layer of `main`, with the bias/ReLU it can absorb."""
-    func = mod["main"]
+def binding_graph(func: relax.Function):
+    """(bindings in order, {var: bound value}, {var: first var bound to a call using it},
+    {var: number of uses}) of `func`: what the layer matchers walk to find epilogue chains
+    (a user is only followed when the use count is 1)."""
     counts = use_counts(func)
-    layers: dict[str, MatmulLayer] = {}
     bindings = [b for block in func.body.blocks for b in block.bindings]
     value_of = {b.var: b.value for b in bindings}
     users: dict[relax.Var, relax.Var] = {}
@@ -110,7 +110,14 @@ def collect_layers(mod: tvm.IRModule) -> list[MatmulLayer]:
         if isinstance(b.value, relax.Call):
             for arg in b.value.args:
                 if isinstance(arg, relax.Var):
-                    users[arg] = b.var
+                    users.setdefault(arg, b.var)
+    return bindings, value_of, users, counts
+
+
+def collect_layers(mod: tvm.IRModule) -> list[MatmulLayer]:
+    """Every matmul-form weight layer of `main`, with the bias/ReLU it can absorb."""
+    bindings, value_of, users, counts = binding_graph(mod["main"])
+    layers: dict[str, MatmulLayer] = {}
     for b in bindings:
         form = matmul_form(b.value)
         if form is None:

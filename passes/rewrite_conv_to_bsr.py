@@ -38,7 +38,7 @@ from tvm_sparse._compat import Constant, constant_value
 from tvm_sparse.schedules import bsr_conv2d
 from tvm_sparse.sparsity import element_sparsity, zero_block_fraction
 
-from .collect_sparse_layers import use_counts, weight_key
+from .collect_sparse_layers import binding_graph, weight_key
 
 DENSE = "dense"
 # Block shapes offered for convs, best first (the selection's table: selection.CANDIDATE_BLOCKS).
@@ -147,15 +147,7 @@ class _Chain:
 
 def _chains(func: relax.Function) -> dict[relax.Call, _Chain]:
     """{original value bound to the chain's last var: chain} for every conv layer of `func`."""
-    counts = use_counts(func)
-    bindings = [b for block in func.body.blocks for b in block.bindings]
-    value_of = {b.var: b.value for b in bindings}
-    users: dict[relax.Var, relax.Var] = {}
-    for b in bindings:
-        if isinstance(b.value, relax.Call):
-            for arg in b.value.args:
-                if isinstance(arg, relax.Var):
-                    users.setdefault(arg, b.var)
+    bindings, value_of, users, counts = binding_graph(func)
     claimed: set[relax.Var] = set()  # residual adds already fused into an earlier conv
     chains = {}
     for b in bindings:

@@ -29,7 +29,13 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvm_sparse.schedules import input_sparse
 
-from .collect_sparse_layers import MatmulLayer, matmul_form, per_row_bias, use_counts, weight_key
+from .collect_sparse_layers import (
+    MatmulLayer,
+    binding_graph,
+    matmul_form,
+    per_row_bias,
+    weight_key,
+)
 
 # Below this measured zero fraction the kernel is not offered (it then only matches a dense
 # GEMV, at the price of a data-dependent run time).
@@ -80,15 +86,7 @@ def _is_op(expr, name: str) -> bool:
 def _chains(func: relax.Function) -> dict[relax.Call, tuple[MatmulLayer, relax.Expr]]:
     """{original value bound to the layer's last var: (layer, activation operand)} for every
     one-column matmul-form layer (matmul, then single-use bias add, then single-use ReLU)."""
-    counts = use_counts(func)
-    bindings = [b for block in func.body.blocks for b in block.bindings]
-    value_of = {b.var: b.value for b in bindings}
-    users: dict[relax.Var, relax.Var] = {}
-    for b in bindings:
-        if isinstance(b.value, relax.Call):
-            for arg in b.value.args:
-                if isinstance(arg, relax.Var):
-                    users.setdefault(arg, b.var)
+    bindings, value_of, users, counts = binding_graph(func)
     chains = {}
     for b in bindings:
         form = matmul_form(b.value)
