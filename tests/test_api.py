@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import assert_close, ort_run, single_node_model
 from onnx import TensorProto
 
 import tvm_sparse
+from conftest import assert_close, ort_run, single_node_model
 from tvm_sparse.errors import InputError, ShapeError, UnsupportedOpError
 
 

@@ -8,8 +8,9 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from conftest import single_node_model
 from onnx import TensorProto
+
+from conftest import single_node_model
 
 
 def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:

@@ -46,9 +46,9 @@ import warnings
 
 import onnx
 import pytest
-from conftest import assert_close
 
 import tvm_sparse
+from conftest import assert_close
 
 # fmt: off
 OPS = {

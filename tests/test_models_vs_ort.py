@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import MODEL_TOLERANCE, assert_close, ort_run
 
 import tvm_sparse
+from conftest import MODEL_TOLERANCE, assert_close, ort_run
 from tvm_sparse import examples
 from tvm_sparse.frontend.onnx import input_specs, random_inputs
 

@@ -20,13 +20,23 @@ POLICIES = ("measured", "threshold")
 
 def _layer_report(proto: onnx.ModelProto, decisions: list) -> list[dict]:
     """ONNX weight layers joined (by weight content) with the kernel chosen for each."""
-    by_key = {d.layer.key: d for d in decisions}
+    by_key = {getattr(d.layer, "weight_key", d.layer.key): d for d in decisions}
     rows = weight_layers(proto)
     matched = set()
     for row in rows:
         found = [by_key[k] for k in row.pop("keys", []) if k in by_key]
-        matched.update(d.layer.key for d in found)
-        if found:
+        matched.update(getattr(d.layer, "weight_key", d.layer.key) for d in found)
+        if len(found) > 1:  # one decision per direction of a recurrent layer
+            row.update(
+                kernel=" | ".join(d.kernel for d in found),
+                why=found[0].why,
+                times_us={
+                    f"{d.layer.key} {k}": round(v * 1e6, 2)
+                    for d in found
+                    for k, v in d.times.items()
+                },
+            )
+        elif found:
             d = found[0]
             row.update(
                 kernel=d.kernel,
@@ -38,7 +48,7 @@ def _layer_report(proto: onnx.ModelProto, decisions: list) -> list[dict]:
         else:
             row.update(kernel="dense", why="not in matmul form (dense conv schedule)")
     for d in decisions:  # layers the importer created (e.g. recurrent input projections)
-        if d.layer.key not in matched:
+        if getattr(d.layer, "weight_key", d.layer.key) not in matched:
             n, k = d.layer.view.shape if hasattr(d.layer, "view") else d.layer.shape
             rows.append(
                 {
@@ -59,8 +69,9 @@ def _select(model, target, shapes, sparse, policy, dump_ir=None, on_phase=None, 
     from tvm_sparse.passes.collect_sparse_layers import collect_layers
     from tvm_sparse.passes.rewrite_conv1x1_to_matmul import RewriteConv1x1ToMatmul, pointwise_convs
     from tvm_sparse.passes.rewrite_conv_to_bsr import collect_conv_layers
+    from tvm_sparse.passes.rewrite_recurrent_to_sparse import collect_recurrent_layers
 
-    from .selection import select, select_convs
+    from .selection import select, select_convs, select_recurrent
 
     if sparse not in SPARSE_MODES:
         raise TvmSparseError(f"sparse: expected one of {SPARSE_MODES}, got {sparse!r}")
@@ -95,6 +106,9 @@ def _select(model, target, shapes, sparse, policy, dump_ir=None, on_phase=None, 
         inputs = input_sparsity_by_key(proto, measure_input_sparsity(proto, calibration))
     decisions = select(layers, sparse, policy, tgt, progress=progress, input_sparsity=inputs)
     decisions += select_convs(collect_conv_layers(mod), sparse, policy, tgt, progress=progress)
+    decisions += select_recurrent(
+        collect_recurrent_layers(mod), sparse, policy, tgt, progress=progress
+    )
     return proto, specs, tgt, mod, decisions
 
 
@@ -153,9 +167,13 @@ def compile(  # noqa: A001 - the public name the API promises
     from tvm_sparse.passes import lowering_pipeline, optimize
     from tvm_sparse.passes.collect_sparse_layers import MatmulLayer
     from tvm_sparse.passes.rewrite_conv1x1_to_matmul import RewriteConv1x1ToMatmul
-    from tvm_sparse.passes.rewrite_conv_to_bsr import RewriteConvToBSR
+    from tvm_sparse.passes.rewrite_conv_to_bsr import ConvLayer, RewriteConvToBSR
     from tvm_sparse.passes.rewrite_dense_to_bsr import RewriteDenseToBSR
     from tvm_sparse.passes.rewrite_input_sparse import RewriteInputSparse
+    from tvm_sparse.passes.rewrite_recurrent_to_sparse import (
+        RecurrentLayer,
+        RewriteRecurrentToSparse,
+    )
 
     proto, specs, tgt, mod, decisions = _select(
         model, target, shapes, sparse, policy, dump_ir, on_phase, calibration
@@ -164,8 +182,10 @@ def compile(  # noqa: A001 - the public name the API promises
     matmuls = [d for d in chosen if isinstance(d.layer, MatmulLayer)]
     bsr_plan = {d.layer.key: d.variant for d in matmuls if d.variant is not None}
     input_plan = {d.layer.key: d.kernel for d in matmuls if d.variant is None}
-    conv_plan = {d.layer.key: d.kernel for d in chosen if not isinstance(d.layer, MatmulLayer)}
+    conv_plan = {d.layer.key: d.kernel for d in chosen if isinstance(d.layer, ConvLayer)}
+    rnn_plan = {d.layer.key: d.kernel for d in chosen if isinstance(d.layer, RecurrentLayer)}
     pointwise = {d.layer.key for d in matmuls if d.layer.conv_hw is not None}
+    mod = RewriteRecurrentToSparse(rnn_plan)(mod)
     mod = RewriteConvToBSR(conv_plan)(mod)
     mod = RewriteConv1x1ToMatmul(only=pointwise)(mod)
     mod = RewriteInputSparse(input_plan)(mod)

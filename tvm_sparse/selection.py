@@ -341,3 +341,42 @@ def _force(layer: MatmulLayer, timer: Timer | None) -> Decision:
     best = min(sparse, key=sparse.get)
     variant = next(v for v in bsr_matmul.VARIANTS if v.name == best)
     return Decision(layer, best, variant, decision.times, "sparse='force' (dense measured faster)")
+
+
+def select_recurrent(
+    layers: list, sparse: str, policy: str, target: tvm.target.Target, progress=None
+) -> list[Decision]:
+    """The choice for fused recurrent layers (`rewrite_recurrent_to_sparse.RecurrentLayer`):
+    dense, or a sparse kernel per gate set and format (measured, or by gate sparsity)."""
+    from .passes.rewrite_recurrent_to_sparse import candidates, time_candidate
+
+    decisions = []
+    for i, layer in enumerate(layers):
+        if progress:
+            progress(i, len(layers))
+        names = candidates(layer, target)
+        sparse_names = names[1:]
+        if sparse == "off" or not sparse_names:
+            why = "sparse='off'" if sparse == "off" else "no sparse gate to exploit"
+            decisions.append(Decision(layer, DENSE, None, why=why))
+            continue
+        if policy == "threshold":
+            top = max(layer.gate_sparsity.values())
+            if top >= 0.7 or sparse == "force":
+                decisions.append(
+                    Decision(layer, sparse_names[0], None, why=f"gate sparsity up to {top:.0%}")
+                )
+            else:
+                decisions.append(
+                    Decision(layer, DENSE, None, why=f"gate sparsity {top:.0%} below threshold 70%")
+                )
+            continue
+        times = {n: time_candidate(layer, n, target) for n in names}
+        pool = {n: t for n, t in times.items() if n != DENSE} if sparse == "force" else times
+        best = min(pool, key=pool.get)
+        if best == DENSE:
+            why = "dense measured fastest"
+        else:
+            why = f"measured fastest: {times[DENSE] / times[best]:.1f}x faster than dense"
+        decisions.append(Decision(layer, best, None, times, why))
+    return decisions

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tvm
 from tvm import relax
+
 from tvm_sparse.passes.rewrite_conv1x1_to_matmul import RewriteConv1x1ToMatmul
 
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "znver5", "num-cores": 2})

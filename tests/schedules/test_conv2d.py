@@ -7,9 +7,9 @@ import pytest
 import tvm
 from tvm import relax, s_tir
 from tvm.relax.op import nn
+
 from tvm_sparse.schedules import default_rules
 from tvm_sparse.schedules.conv2d import ChannelTile, Conv2d, RowTile, choose_tile, match_conv2d
-
 from tvm_sparse.target import resolve_target
 
 TOL = {"rtol": 1e-4, "atol": 1e-4}

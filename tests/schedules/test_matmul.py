@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tvm
 from tvm import relax
+
 from tvm_sparse.schedules.matmul import Matmul
 
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "znver5", "num-cores": 2})

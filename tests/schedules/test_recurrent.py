@@ -11,6 +11,7 @@ import tvm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tvm.script import tirx as T
+
 from tvm_sparse.schedules import recurrent as rc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -122,7 +123,9 @@ def test_check_lengths_rejects_short_sequences():
 
 def test_kernel_attributes_and_signature():
     func = rc.lstm_recurrence(4, 1, 32, reverse=True)
-    assert func.attrs["tvm_sparse.layer"] == "LSTM"
+    assert func.attrs["tvm_sparse.layer"] == "LSTM" and func.attrs["tvm_sparse.kind"] == "LSTM"
+    gru0 = rc.gru_recurrence(4, 1, 32, linear_before_reset=False)
+    assert (gru0.attrs["tvm_sparse.layer"], gru0.attrs["tvm_sparse.kind"]) == ("GRU", "GRU0")
     assert func.attrs["tvm_sparse.direction"] == "reverse"
     assert func.attrs["tirx.noalias"] and func.attrs["tirx.is_scheduled"]
     assert [p.name for p in func.params] == ["xw", "r", "h0", "c0", "y", "hn", "cn"]
@@ -156,6 +159,26 @@ def test_packed_recurrent_weight_layout(kind, hidden, batch):
                 np.testing.assert_array_equal(panels[p, :, col], r[g * hidden + unit])
         total += np.count_nonzero(panels)
     assert total == r.size
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "GRU0", "RNN"])
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(hidden=st.integers(1, 150), batch=st.sampled_from([1, 8]))
+def test_unpack_inverts_pack_and_onnx_rows_name_the_outputs(kind, hidden, batch):
+    """unpack(pack(R)) == R; onnx_rows gives each kernel output's ONNX row (-1: padding)."""
+    lay = rc.panel_layout(kind, hidden, batch)
+    n_g = rc.GATES[kind]
+    r = np.arange(n_g * hidden * hidden, dtype=np.float32).reshape(n_g * hidden, hidden) + 1
+    np.testing.assert_array_equal(
+        rc.unpack_recurrent_weight(rc.pack_recurrent_weight(r, lay), lay), r
+    )
+    w = rc.pack_input_weight(r, lay)  # R as if it were W: columns in kernel order
+    for gi, grp in enumerate(lay.groups):
+        rows = rc.onnx_rows(lay, gi)
+        assert rows.shape == ((grp.stop - grp.start) * lay.padded,)
+        cols = w[:, lay.column_offset(gi) : lay.column_offset(gi) + rows.size]
+        np.testing.assert_array_equal(cols[:, rows >= 0], r[rows[rows >= 0]].T)
+        assert not cols[:, rows < 0].any()
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "GRU0", "RNN"])

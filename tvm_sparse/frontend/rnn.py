@@ -4,7 +4,10 @@ Each direction becomes an input projection for all time steps (``reshape``, ``ma
 the packed ``Wᵀ`` and ``add`` of the folded biases: ordinary Relax ops, left to the dense
 matmul schedule) and one ``call_tir`` to a fused recurrent kernel from
 :mod:`tvm_sparse.schedules.recurrent`, named ``<layer>_recurrence_<node>_<fwd|rev>`` and
-tagged with ``tvm_sparse.layer`` / ``tvm_sparse.node`` / ``tvm_sparse.direction``.
+tagged with ``tvm_sparse.layer`` / ``tvm_sparse.kind`` / ``tvm_sparse.node`` /
+``tvm_sparse.direction``. When the weights are constants, R reaches the kernel as one packed
+constant per gate group: :class:`tvm_sparse.passes.rewrite_recurrent_to_sparse.
+RewriteRecurrentToSparse` unpacks it from there to swap in a sparse kernel.
 """
 
 from __future__ import annotations
