@@ -305,14 +305,19 @@ def select_convs(
             decisions.append(Decision(layer, name or DENSE, None, why=why))
             continue
         times = {n: time_conv_candidate(layer, n, target, cache=cache) for n in names}
-        pool = {n: t for n, t in times.items() if n != DENSE} if sparse == "force" else times
-        best = min(pool, key=pool.get)
-        if best == DENSE:
-            why = "dense measured fastest"
-        else:
-            why = f"measured fastest: {times[DENSE] / times[best]:.1f}x faster than dense"
-        decisions.append(Decision(layer, best, None, times, why))
+        decisions.append(_fastest(layer, times, sparse))
     return decisions
+
+
+def _fastest(layer, times: dict[str, float], sparse: str) -> Decision:
+    """The measured winner among named kernels ("dense" included unless sparse='force')."""
+    pool = {n: t for n, t in times.items() if n != DENSE} if sparse == "force" else times
+    best = min(pool, key=pool.get)
+    if best == DENSE:
+        why = "dense measured fastest"
+    else:
+        why = f"measured fastest: {times[DENSE] / times[best]:.1f}x faster than dense"
+    return Decision(layer, best, None, times, why)
 
 
 def _block_of(name: str) -> tuple[int, int]:
@@ -372,11 +377,5 @@ def select_recurrent(
                 )
             continue
         times = {n: time_candidate(layer, n, target) for n in names}
-        pool = {n: t for n, t in times.items() if n != DENSE} if sparse == "force" else times
-        best = min(pool, key=pool.get)
-        if best == DENSE:
-            why = "dense measured fastest"
-        else:
-            why = f"measured fastest: {times[DENSE] / times[best]:.1f}x faster than dense"
-        decisions.append(Decision(layer, best, None, times, why))
+        decisions.append(_fastest(layer, times, sparse))
     return decisions
