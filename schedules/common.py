@@ -9,7 +9,7 @@ __all__ = [
     "SBlockInfo",
     "normalize_prim_func",
     "const_extent",
-    "inline_spatial_producers",
+    "inline_epilogues",
     "vector_width",
     "schedule_leftover",
 ]
@@ -33,22 +33,16 @@ def vector_width(extent: int, dtype_bits: int = 32, register_bits: int = 512) ->
     return max(lanes, 1)
 
 
-def inline_spatial_producers(sch: s_tir.Schedule, keep: s_tir.schedule.SBlockRV) -> None:
-    """Inline every injective block that can be folded into its consumers, except `keep`."""
-    changed = True
-    while changed:
-        changed = False
-        for info in normalize_prim_func(sch) or []:
-            if info.block_rv == keep or not info.is_injective():
-                continue
-            if sch.get(info.block_rv).name_hint == sch.get(keep).name_hint:
-                continue
-            try:
-                sch.compute_inline(info.block_rv)
-                changed = True
-                break
-            except Exception:  # not inlinable (e.g. it writes an output); leave it
-                continue
+def inline_epilogues(sch: s_tir.Schedule, acc) -> None:
+    """Fold the single-consumer elementwise chain after `acc` into its write-back loop nest."""
+    while True:
+        consumers = sch.get_consumers(acc)
+        if len(consumers) != 1:
+            return
+        try:
+            sch.reverse_compute_inline(consumers[0])
+        except Exception:  # not elementwise on the tile: it stays a separate loop nest
+            return
 
 
 def _schedule_block(sch: s_tir.Schedule, info: SBlockInfo) -> None:

@@ -27,7 +27,7 @@ from tvm.sym import detect_linear_equation
 from tvm.target import Target
 from tvm.tirx import IndexMap
 
-from .common import const_extent, normalize_prim_func
+from .common import const_extent, inline_epilogues, normalize_prim_func
 
 ROLES = ("n", "co", "oh", "ow", "rc", "ry", "rx")
 LANES = 16  # fp32 lanes of one zmm register
@@ -203,17 +203,6 @@ def _producer_of(sch: s_tir.Schedule, block, buffer):
     return None
 
 
-def _inline_epilogues(sch: s_tir.Schedule, acc) -> None:
-    while True:
-        consumers = sch.get_consumers(acc)
-        if len(consumers) != 1:
-            return
-        try:
-            sch.reverse_compute_inline(consumers[0])
-        except Exception:  # not elementwise on the tile: it stays a separate loop nest
-            return
-
-
 def _is_copy(sch: s_tir.Schedule, pad) -> bool:
     """Whether the padding block pads nothing (1x1 convs): then it can simply be inlined."""
     block = sch.get(pad)
@@ -259,7 +248,7 @@ def _schedule_channel_tile(sch: s_tir.Schedule, conv: ConvBlock, tile: ChannelTi
     acc = sch.cache_write(block, 0, "global")
     sch.transform_layout(block, ("write", 0), lambda n, co, oh, ow: (n, oh, ow, co))
     sch.reverse_compute_at(acc, tile_loop, preserve_unit_loops=True)
-    _inline_epilogues(sch, acc)
+    inline_epilogues(sch, acc)
     w_index = next(i for i, r in enumerate(sch.get(block).reads) if r.source.same_as(conv.weight))
     packed = sch.cache_read(block, w_index, "global")
     sch.compute_at(packed, par, preserve_unit_loops=True)
@@ -325,7 +314,7 @@ def _schedule_row_tile(sch: s_tir.Schedule, conv: ConvBlock, tile: RowTile):
         par = tile_loop = sch.fuse(*task, *spatial)
     acc = sch.cache_write(block, 0, "global")
     sch.reverse_compute_at(acc, tile_loop, preserve_unit_loops=True)
-    _inline_epilogues(sch, acc)
+    inline_epilogues(sch, acc)
     sch.parallel(par)
     for loop in inner:
         sch.unroll(loop)

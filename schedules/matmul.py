@@ -13,7 +13,13 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
-from .common import const_extent, normalize_prim_func, schedule_leftover, vector_width
+from .common import (
+    const_extent,
+    inline_epilogues,
+    normalize_prim_func,
+    schedule_leftover,
+    vector_width,
+)
 
 
 @dataclass(frozen=True)
@@ -149,7 +155,7 @@ class Matmul(dl.ScheduleRule):
         outer = sch.fuse(*batch, j0, i0) if i is not None else sch.fuse(*batch, j0)
         acc = sch.cache_write(block_rv, 0, "global")  # < 1 KB "global" => registers
         sch.reverse_compute_at(acc, outer, preserve_unit_loops=True)
-        self._inline_epilogues(sch, acc)
+        inline_epilogues(sch, acc)
         sch.parallel(outer)
         if i is not None:
             sch.unroll(i1)
@@ -163,14 +169,3 @@ class Matmul(dl.ScheduleRule):
             sch.vectorize(lanes)
         schedule_leftover(sch, skip={name, f"{name}_init", sch.get(acc).name_hint})
         return sch
-
-    @staticmethod
-    def _inline_epilogues(sch: s_tir.Schedule, acc) -> None:
-        while True:
-            consumers = sch.get_consumers(acc)
-            if len(consumers) != 1:
-                return
-            try:
-                sch.reverse_compute_inline(consumers[0])
-            except Exception:
-                return
