@@ -79,3 +79,14 @@ def test_modes_compile_and_match(mode, policy):
 def test_bad_mode_is_a_clear_error():
     with pytest.raises(tvm_sparse.TvmSparseError, match="sparse: expected one of"):
         tvm_sparse.compile(fc_model(0.5), sparse="maybe")
+
+
+def test_timing_signature_tells_pointwise_convs_of_different_spatial_shape_apart():
+    """7x7 and 8x8 pointwise convs both pad to 64 columns, but are timed as different convs."""
+    from tvm_sparse.selection import Timer
+
+    a, b = layer(0.5, shape=(64, 64)), layer(0.5, shape=(64, 64))
+    a.columns = b.columns = 64
+    a.form = b.form = "wx"
+    a.conv_hw, b.conv_hw = (7, 7), (8, 8)
+    assert Timer.signature(a, DENSE) != Timer.signature(b, DENSE)

@@ -18,14 +18,19 @@ SPARSE_MODES = ("auto", "off", "force")
 POLICIES = ("measured", "threshold")
 
 
+def _join_key(decision) -> str:
+    """The weight key a decision joins ONNX rows by (recurrent layers key by their R)."""
+    return getattr(decision.layer, "weight_key", decision.layer.key)
+
+
 def _layer_report(proto: onnx.ModelProto, decisions: list) -> list[dict]:
     """ONNX weight layers joined (by weight content) with the kernel chosen for each."""
-    by_key = {getattr(d.layer, "weight_key", d.layer.key): d for d in decisions}
+    by_key = {_join_key(d): d for d in decisions}
     rows = weight_layers(proto)
     matched = set()
     for row in rows:
         found = [by_key[k] for k in row.pop("keys", []) if k in by_key]
-        matched.update(getattr(d.layer, "weight_key", d.layer.key) for d in found)
+        matched.update(_join_key(d) for d in found)
         if len(found) > 1:  # one decision per direction of a recurrent layer
             row.update(
                 kernel=" | ".join(d.kernel for d in found),
@@ -48,7 +53,7 @@ def _layer_report(proto: onnx.ModelProto, decisions: list) -> list[dict]:
         else:
             row.update(kernel="dense", why="not in matmul form (dense conv schedule)")
     for d in decisions:  # layers the importer created (e.g. recurrent input projections)
-        if getattr(d.layer, "weight_key", d.layer.key) not in matched:
+        if _join_key(d) not in matched:
             n, k = d.layer.view.shape if hasattr(d.layer, "view") else d.layer.shape
             rows.append(
                 {

@@ -27,6 +27,9 @@ DENSE = "dense"
 # its zero-block fraction keeps at least this share of the element sparsity.
 CANDIDATE_BLOCKS = ((16, 1), (8, 1), (4, 1), (8, 8), (4, 4), (1, 4), (1, 1))
 KEEP_ZEROS = 0.9
+# Threshold policy (seed 004): a layer goes sparse when its zero-block fraction (conv,
+# matmul) or its sparsest gate (recurrent) reaches this.
+WEIGHT_THRESHOLD = 0.7
 
 
 @dataclass
@@ -78,7 +81,7 @@ def variants_for(layer: MatmulLayer, block: tuple[int, int]) -> list[bsr_matmul.
 
 def choose_threshold(
     layer: MatmulLayer,
-    weight_threshold: float = 0.7,
+    weight_threshold: float = WEIGHT_THRESHOLD,
     input_sparsity: float | None = None,
     input_threshold: float = 0.6,
 ) -> Decision:
@@ -126,7 +129,9 @@ class Timer:
     def signature(layer: MatmulLayer, kernel: str, pattern: bytes = b"") -> str:
         n, k = layer.shape
         digest = hashlib.sha1(pattern).hexdigest()[:12] if pattern else "-"
-        return f"{kernel}|{n}x{k}x{layer.columns}|{layer.form}|relu={layer.relu}|{digest}"
+        # Pointwise convs are timed dense as convs: their spatial shape is part of the signature.
+        conv = "" if layer.conv_hw is None else f"|conv={layer.conv_hw[0]}x{layer.conv_hw[1]}"
+        return f"{kernel}|{n}x{k}x{layer.columns}|{layer.form}|relu={layer.relu}{conv}|{digest}"
 
     def time_dense(self, layer: MatmulLayer) -> float:
         key = self.signature(layer, DENSE)
@@ -159,9 +164,10 @@ def _activation_shape(layer: MatmulLayer) -> tuple[int, int]:
     return (k, layer.columns) if layer.form == "wx" else (layer.columns, k)
 
 
-def _layer_module(layer: MatmulLayer, body) -> tvm.IRModule:
+def _layer_module(shape, body) -> tvm.IRModule:
+    """A one-input `main` whose body is `body(bb, x)`, for timing one layer's kernels."""
     bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType(_activation_shape(layer), "float32"))
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
     with bb.function("main", [x]):
         with bb.dataflow():
             out = bb.emit_output(body(bb, x))
@@ -172,19 +178,14 @@ def _layer_module(layer: MatmulLayer, body) -> tvm.IRModule:
 def _dense_conv_module(layer: MatmulLayer) -> tvm.IRModule:
     """A pointwise conv stays a conv when dense: time it as one (the conv rule schedules it)."""
     n, k = layer.shape
-    h, w = layer.conv_hw
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((1, k, h, w), "float32"))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            y = bb.emit(relax.op.nn.conv2d(x, relax.const(layer.weight.reshape(n, k, 1, 1))))
-            if layer.bias is not None:
-                y = bb.emit(relax.op.add(y, relax.const(layer.bias.reshape(1, n, 1, 1))))
-            if layer.relu:
-                y = bb.emit(relax.op.nn.relu(y))
-            out = bb.emit_output(y)
-        bb.emit_func_output(out)
-    return bb.get()
+
+    def body(bb, x):
+        y = bb.emit(relax.op.nn.conv2d(x, relax.const(layer.weight.reshape(n, k, 1, 1))))
+        if layer.bias is not None:
+            y = bb.emit(relax.op.add(y, relax.const(layer.bias.reshape(1, n, 1, 1))))
+        return relax.op.nn.relu(y) if layer.relu else y
+
+    return _layer_module((1, k, *layer.conv_hw), body)
 
 
 def _dense_module(layer: MatmulLayer) -> tvm.IRModule:
@@ -202,13 +203,13 @@ def _dense_module(layer: MatmulLayer) -> tvm.IRModule:
             y = bb.emit(relax.op.add(y, relax.const(bias)))
         return relax.op.nn.relu(y) if layer.relu else y
 
-    return _layer_module(layer, body)
+    return _layer_module(_activation_shape(layer), body)
 
 
 def _bsr_module(layer: MatmulLayer, variant: bsr_matmul.Variant) -> tvm.IRModule:
     from .passes.rewrite_dense_to_bsr import emit_bsr
 
-    return _layer_module(layer, lambda bb, x: emit_bsr(bb, layer, variant, x))
+    return _layer_module(_activation_shape(layer), lambda bb, x: emit_bsr(bb, layer, variant, x))
 
 
 def choose_measured(
@@ -295,13 +296,16 @@ def select_convs(
             continue
         if policy == "threshold":
             zeros = {n: zero_block_fraction(layer.view, _block_of(n)) for n in sparse_names}
-            name = next((n for n in sparse_names if zeros[n] >= 0.7), None)
+            name = next((n for n in sparse_names if zeros[n] >= WEIGHT_THRESHOLD), None)
             if name is None and sparse == "force":
                 name = sparse_names[0]
             if name:
                 why = f"{zeros[name]:.0%} zero blocks"
             else:
-                why = f"zero-block fraction {max(zeros.values()):.0%} below threshold 70%"
+                why = (
+                    f"zero-block fraction {max(zeros.values()):.0%} below threshold "
+                    f"{WEIGHT_THRESHOLD:.0%}"
+                )
             decisions.append(Decision(layer, name or DENSE, None, why=why))
             continue
         times = {n: time_conv_candidate(layer, n, target, cache=cache) for n in names}
@@ -367,13 +371,18 @@ def select_recurrent(
             continue
         if policy == "threshold":
             top = max(layer.gate_sparsity.values())
-            if top >= 0.7 or sparse == "force":
+            if top >= WEIGHT_THRESHOLD or sparse == "force":
                 decisions.append(
                     Decision(layer, sparse_names[0], None, why=f"gate sparsity up to {top:.0%}")
                 )
             else:
                 decisions.append(
-                    Decision(layer, DENSE, None, why=f"gate sparsity {top:.0%} below threshold 70%")
+                    Decision(
+                        layer,
+                        DENSE,
+                        None,
+                        why=f"gate sparsity {top:.0%} below threshold {WEIGHT_THRESHOLD:.0%}",
+                    )
                 )
             continue
         times = {n: time_candidate(layer, n, target) for n in names}
