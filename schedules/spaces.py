@@ -1,0 +1,89 @@
+"""Design spaces of our schedules, as data.
+
+A tunable schedule is a function ``apply(sch, target, tune) -> bool`` that schedules
+``sch.mod["main"]`` in place (False: not applicable). Every choice it makes (tile sizes,
+loop order, vector width, unroll, parallel split) goes through :func:`choose`, a MetaSchedule
+``sample_categorical``: with ``tune=False`` each choice takes its default, so the default
+schedule (the dlight rule path), the tuner's samples and a tuned record replayed from the
+database all run the same code and produce replayable traces.
+
+Families register themselves with :func:`register`; :func:`space_for` finds the one for a
+PrimFunc and :func:`schedule_fn` turns it into a MetaSchedule space generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from tvm import s_tir, tirx
+from tvm.target import Target
+
+
+def choose(sch: s_tir.Schedule, choices: Sequence[int], default: int, tune: bool) -> int:
+    """One tunable decision: a uniform categorical sample over `choices` when tuning,
+    else `default` (which must be one of `choices`), recorded in the trace either way."""
+    choices = [int(c) for c in choices]
+    if default not in choices:
+        raise ValueError(f"default {default} not among choices {choices}")
+    probs = [1.0 / len(choices)] * len(choices)
+    decision = None if tune else choices.index(default)
+    return int(sch.get(sch.sample_categorical(choices, probs, decision=decision)))
+
+
+@dataclass(frozen=True)
+class Space:
+    """A tunable schedule family.
+
+    name
+        Shown in tuning reports (e.g. ``"matmul"``, ``"bsr_wx"``).
+    matches
+        Whether this family schedules a PrimFunc.
+    apply
+        ``apply(sch, target, tune)``: schedule ``sch.mod["main"]`` in place; False if it cannot.
+    postprocs
+        MetaSchedule postprocessors for tuning (``None``: the target's defaults; sparse
+        kernels need a list without ``DisallowDynamicLoop``).
+    """
+
+    name: str
+    matches: Callable[[tirx.PrimFunc], bool]
+    apply: Callable[[s_tir.Schedule, Target, bool], bool]
+    postprocs: Callable[[], list] | None = None
+
+
+_SPACES: list[Space] = []
+
+
+def register(space: Space) -> Space:
+    """Add a family (later registrations of the same name replace earlier ones)."""
+    _SPACES[:] = [s for s in _SPACES if s.name != space.name] + [space]
+    return space
+
+
+def space_for(func: tirx.PrimFunc) -> Space | None:
+    """The registered family that schedules `func`, or None (then it has no design space)."""
+    _load_families()
+    for space in _SPACES:
+        if space.matches(func):
+            return space
+    return None
+
+
+def schedule_fn(space: Space, target: Target):
+    """A MetaSchedule ``ScheduleFn`` sampling `space` (no extra schedule rules)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    def sample(sch: s_tir.Schedule) -> None:
+        if not space.apply(sch, target, True):
+            raise ValueError(f"design space {space.name!r} does not apply to this workload")
+
+    postprocs = space.postprocs() if space.postprocs is not None else "from-target"
+    return ms.space_generator.ScheduleFn(
+        sample, sch_rules=[], postprocs=postprocs, mutator_probs="from-target"
+    )
+
+
+def _load_families() -> None:
+    """Import the modules that register families (each registers at import)."""
+    # Modules defining families are listed here as they gain design spaces.
