@@ -9,6 +9,7 @@ import tvm
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 from tvm.s_tir import dlight as dl
+from tvm.s_tir.meta_schedule.database import Database
 
 from tvm_sparse.schedules import default_rules
 
@@ -31,7 +32,10 @@ def _phase_passes(name: str, target: tvm.target.Target) -> list[tvm.transform.Pa
             relax.transform.FuseTIR(),
         ]
     if name == "schedule":
-        return [dl.ApplyDefaultSchedule(*default_rules())]
+        # Tuned records first (from the current MetaSchedule database, see tvm_sparse.tuning);
+        # the default rules then schedule whatever the database does not cover.
+        tuned = [relax.transform.MetaScheduleApplyDatabase()] if Database.current() else []
+        return tuned + [dl.ApplyDefaultSchedule(*default_rules())]
     raise ValueError(f"unknown phase {name!r}")
 
 

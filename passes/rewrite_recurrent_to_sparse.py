@@ -267,19 +267,22 @@ def _arguments(layer: RecurrentLayer, func: tvm.tirx.PrimFunc, weights: list) ->
 _TIMES: dict[str, float] = {}
 
 
-def time_candidate(layer: RecurrentLayer, name: str, target: tvm.target.Target) -> float:
+def time_candidate(
+    layer: RecurrentLayer, name: str, target: tvm.target.Target, cache: dict | None = None
+) -> float:
     """Seconds per call of kernel ``name`` (from :func:`candidates`) on ``target``.
 
     The kernel is built for the layer's real shapes and R and run on random activations and
     states; the result is the median of 5 repeats of at least 20 ms, cached per (kernel,
-    shapes, options, R digest, target) for the life of the process.
+    shapes, options, R digest, target) in `cache` (default: for the life of the process).
     """
+    cache = _TIMES if cache is None else cache
     digest = hashlib.sha1(np.ascontiguousarray(layer.r).tobytes()).hexdigest()[:16]
     sig = (
         f"{name}|{layer.kernel_kind}|{layer.seq_len}x{layer.batch}x{layer.hidden}|"
         f"p={layer.peephole}|l={layer.check_lengths}|{layer.direction}|{digest}|{target}"
     )
-    if sig not in _TIMES:
+    if sig not in cache:
         func, weights = build_kernel(layer, name)
         lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
         dev = tvm.cpu()
@@ -289,8 +292,8 @@ def time_candidate(layer: RecurrentLayer, name: str, target: tvm.target.Target) 
         ]
         lib(*args)
         timer = lib.mod.time_evaluator("main", dev, number=1, repeat=5, min_repeat_ms=20)
-        _TIMES[sig] = float(timer(*args).median)
-    return _TIMES[sig]
+        cache[sig] = float(timer(*args).median)
+    return cache[sig]
 
 
 @mutator

@@ -14,6 +14,8 @@ _EPILOG = """examples:
   tvm-sparse inspect model.onnx
   tvm-sparse compile model.onnx -o build/ --shape input=1,3,224,224
   tvm-sparse run build/ --inputs inputs.npz --out outputs.npz
+  tvm-sparse tune model.onnx --db tuning/ --trials 64 --budget 15m
+  tvm-sparse compile model.onnx -o build/ --db tuning/
 """
 
 
@@ -96,6 +98,7 @@ def cmd_compile(args) -> int:
         sparse=args.sparse,
         policy=args.policy,
         calibration=_calibration(args.calib),
+        database=args.db,
         dump_ir=args.dump_ir,
         on_phase=_progress(start),
     )
@@ -104,6 +107,93 @@ def cmd_compile(args) -> int:
         print(format_table(cm.report))
     print(f"wrote {out} ({time.perf_counter() - start:.1f}s)")
     return 0
+
+
+class _Bar:
+    """A one-line progress bar on stderr (a line per update when stderr is not a terminal)."""
+
+    def __init__(self, start: float):
+        self.start, self.tty, self.last = start, sys.stderr.isatty(), ""
+
+    def __call__(self, done: int, total: int, task: str) -> None:
+        width = 30
+        filled = width * done // total if total else width
+        elapsed = time.perf_counter() - self.start
+        line = (
+            f"  tuning [{'#' * filled}{'.' * (width - filled)}] {done}/{total} trials  "
+            f"{elapsed / 60:4.1f} min  {task}"
+        )
+        if self.tty:
+            print(f"\r{line[:150]:<150}", end="", file=sys.stderr, flush=True)
+        elif line != self.last:
+            print(line, file=sys.stderr, flush=True)
+        self.last = line
+
+    def end(self) -> None:
+        if self.tty and self.last:
+            print(file=sys.stderr)
+
+
+def cmd_tune(args) -> int:
+    from .tuning import parse_budget, tune
+
+    start = time.perf_counter()
+    budget = parse_budget(args.budget) if args.budget else None
+    if args.trials < 1:
+        from .errors import InputError
+
+        raise InputError(f"--trials {args.trials}: expected a positive number")
+    rpc = None
+    if args.rpc:
+        rpc = _rpc_arg(args.rpc)
+    print(f"tuning {args.model} for target {args.target} into {args.db}", file=sys.stderr)
+    bar = _Bar(start)
+    phase = _progress(start)
+
+    def on_phase(name: str) -> None:
+        bar.end()
+        phase(name)
+
+    try:
+        report = tune(
+            args.model,
+            database=args.db,
+            trials=args.trials,
+            time_budget=budget,
+            target=args.target,
+            shapes=dict(args.shape or []) or None,
+            sparse=args.sparse,
+            policy=args.policy,
+            calibration=_calibration(args.calib),
+            rpc=rpc,
+            on_progress=bar,
+            on_phase=on_phase,
+        )
+    finally:
+        bar.end()
+    print(report.table())
+    if report.interrupted:
+        state = "interrupted (the database is valid; run the same command again to continue)"
+    elif not report.complete:
+        state = "stopped by --budget (run again to continue)"
+    else:
+        state = "done"
+    print(f"{state}: {report.database} ({report.seconds / 60:.1f} min)")
+    return 130 if report.interrupted else 0
+
+
+def _rpc_arg(text: str):
+    from .errors import InputError
+    from .tuning import RPCSettings
+
+    host, _, rest = text.rpartition(":")
+    port, _, key = rest.partition("/")
+    try:
+        if not host or not key:
+            raise ValueError
+        return RPCSettings(host, int(port), key)
+    except ValueError:
+        raise InputError(f"--rpc {text}: expected HOST:PORT/KEY of an RPC tracker") from None
 
 
 def cmd_run(args) -> int:
@@ -213,8 +303,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output directory")
     _add_target_options(p)
     _add_kernel_options(p, default_policy="measured")
+    p.add_argument(
+        "--db",
+        metavar="DIR",
+        help="tuning database written by 'tvm-sparse tune': apply its tuned schedules",
+    )
     p.add_argument("--dump-ir", metavar="DIR", help="write the IR after each pipeline phase")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser(
+        "tune",
+        help="autotune the model's kernels into a database that later builds reuse",
+        description="Compile MODEL as 'compile' would, then tune each of its kernels with "
+        "MetaSchedule (evolutionary search guided by an XGBoost cost model; our kernels' "
+        "design spaces, MetaSchedule's own space for other dense ops) and store every "
+        "measurement in the JSON database DIR. The default schedule of each kernel is its first "
+        "record, so tuned kernels are never slower than the defaults. Ctrl-C or --budget "
+        "leave a valid database; running again continues where it stopped (tasks with "
+        "--trials records get no new trials; a re-pruned model with the same shapes and "
+        "sparsity reuses the records). Use the database with 'compile --db DIR'.",
+    )
+    p.add_argument("model", help="ONNX model file")
+    p.add_argument("--db", required=True, metavar="DIR", help="tuning database directory")
+    p.add_argument(
+        "--trials",
+        type=int,
+        default=64,
+        metavar="N",
+        help="measured candidates per kernel task (default: 64)",
+    )
+    p.add_argument(
+        "--budget",
+        metavar="TIME",
+        help="stop after this long, e.g. 90s, 15m, 1h (default: no limit)",
+    )
+    p.add_argument(
+        "--rpc",
+        metavar="HOST:PORT/KEY",
+        help="measure candidates on the device registered as KEY with this RPC tracker "
+        "(see README: tuning on another machine)",
+    )
+    _add_target_options(p)
+    _add_kernel_options(p, default_policy="measured")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser(
         "run",

@@ -13,6 +13,7 @@ from .frontend.onnx import from_onnx, input_specs, load_model
 from .report import weight_layers
 from .runtime import CompiledModel
 from .target import resolve_target
+from .tuning import open_database, selection_cache, using_database
 
 SPARSE_MODES = ("auto", "off", "force")
 POLICIES = ("measured", "threshold")
@@ -68,7 +69,9 @@ def _layer_report(proto: onnx.ModelProto, decisions: list) -> list[dict]:
     return rows
 
 
-def _select(model, target, shapes, sparse, policy, dump_ir=None, on_phase=None, calibration=None):
+def _select(
+    model, target, shapes, sparse, policy, dump_ir=None, on_phase=None, calibration=None, db=None
+):
     """Import, simplify, collect the weight layers and choose a kernel for each."""
     from tvm_sparse.passes import optimize
     from tvm_sparse.passes.collect_sparse_layers import collect_layers
@@ -109,11 +112,49 @@ def _select(model, target, shapes, sparse, policy, dump_ir=None, on_phase=None, 
         if on_phase:
             on_phase("calibrate: measuring input sparsity")
         inputs = input_sparsity_by_key(proto, measure_input_sparsity(proto, calibration))
-    decisions = select(layers, sparse, policy, tgt, progress=progress, input_sparsity=inputs)
-    decisions += select_convs(collect_conv_layers(mod), sparse, policy, tgt, progress=progress)
+    cache = selection_cache(db, tgt) if db is not None else None
+    decisions = select(layers, sparse, policy, tgt, progress, cache, input_sparsity=inputs)
+    decisions += select_convs(collect_conv_layers(mod), sparse, policy, tgt, progress, cache)
     decisions += select_recurrent(
-        collect_recurrent_layers(mod), sparse, policy, tgt, progress=progress
+        collect_recurrent_layers(mod), sparse, policy, tgt, progress, cache
     )
+    return proto, specs, tgt, mod, decisions
+
+
+def _prepare(
+    model, target, shapes, sparse, policy, calibration=None, dump_ir=None, on_phase=None, db=None
+):
+    """Import, choose a kernel per layer, rewrite, legalize: the module the schedule phase (and
+    the tuner) starts from. With a tuning database `db` (entered as the current MetaSchedule
+    database by the caller) the measured selection times tuned kernels and reuses the
+    selection timings stored with it."""
+    from tvm_sparse.passes import optimize
+    from tvm_sparse.passes.collect_sparse_layers import MatmulLayer
+    from tvm_sparse.passes.rewrite_conv1x1_to_matmul import RewriteConv1x1ToMatmul
+    from tvm_sparse.passes.rewrite_conv_to_bsr import ConvLayer, RewriteConvToBSR
+    from tvm_sparse.passes.rewrite_dense_to_bsr import RewriteDenseToBSR
+    from tvm_sparse.passes.rewrite_input_sparse import RewriteInputSparse
+    from tvm_sparse.passes.rewrite_recurrent_to_sparse import (
+        RecurrentLayer,
+        RewriteRecurrentToSparse,
+    )
+
+    proto, specs, tgt, mod, decisions = _select(
+        model, target, shapes, sparse, policy, dump_ir, on_phase, calibration, db
+    )
+    chosen = [d for d in decisions if d.kernel != "dense"]
+    matmuls = [d for d in chosen if isinstance(d.layer, MatmulLayer)]
+    bsr_plan = {d.layer.key: d.variant for d in matmuls if d.variant is not None}
+    input_plan = {d.layer.key: d.kernel for d in matmuls if d.variant is None}
+    conv_plan = {d.layer.key: d.kernel for d in chosen if isinstance(d.layer, ConvLayer)}
+    rnn_plan = {d.layer.key: d.kernel for d in chosen if isinstance(d.layer, RecurrentLayer)}
+    pointwise = {d.layer.key for d in matmuls if d.layer.conv_hw is not None}
+    mod = RewriteRecurrentToSparse(rnn_plan)(mod)
+    mod = RewriteConvToBSR(conv_plan)(mod)
+    mod = RewriteConv1x1ToMatmul(only=pointwise)(mod)
+    mod = RewriteInputSparse(input_plan)(mod)
+    mod = RewriteDenseToBSR(bsr_plan)(mod)
+    mod = optimize(mod, tgt, dump_dir=dump_ir, on_phase=on_phase, phases=("legalize",))
     return proto, specs, tgt, mod, decisions
 
 
@@ -135,6 +176,7 @@ def compile(  # noqa: A001 - the public name the API promises
     sparse: str = "auto",
     policy: str = "measured",
     calibration: dict | None = None,
+    database: str | os.PathLike | None = None,
     dump_ir: str | None = None,
     on_phase: Callable[[str], None] | None = None,
 ) -> CompiledModel:
@@ -159,6 +201,11 @@ def compile(  # noqa: A001 - the public name the API promises
         Sample inputs ({input name: array}, samples stacked on a new first axis or one
         sample) to measure each layer's input (activation) sparsity; batch-1 layers whose
         inputs are mostly zeros then also try input-sparse kernels (seed 004).
+    database
+        A tuning database directory written by :func:`tvm_sparse.tune`: its records schedule
+        the kernels they cover (the others keep their default schedules), and the measured
+        selection reuses the candidate timings stored with it, so builds with the same model
+        and database choose the same kernels.
     dump_ir
         Directory to write the IR after each pipeline phase to.
     on_phase
@@ -170,32 +217,13 @@ def compile(  # noqa: A001 - the public name the API promises
         ``.run(inputs)`` -> list of arrays in graph-output order; ``.report`` per layer.
     """
     from tvm_sparse.passes import lowering_pipeline, optimize
-    from tvm_sparse.passes.collect_sparse_layers import MatmulLayer
-    from tvm_sparse.passes.rewrite_conv1x1_to_matmul import RewriteConv1x1ToMatmul
-    from tvm_sparse.passes.rewrite_conv_to_bsr import ConvLayer, RewriteConvToBSR
-    from tvm_sparse.passes.rewrite_dense_to_bsr import RewriteDenseToBSR
-    from tvm_sparse.passes.rewrite_input_sparse import RewriteInputSparse
-    from tvm_sparse.passes.rewrite_recurrent_to_sparse import (
-        RecurrentLayer,
-        RewriteRecurrentToSparse,
-    )
 
-    proto, specs, tgt, mod, decisions = _select(
-        model, target, shapes, sparse, policy, dump_ir, on_phase, calibration
-    )
-    chosen = [d for d in decisions if d.kernel != "dense"]
-    matmuls = [d for d in chosen if isinstance(d.layer, MatmulLayer)]
-    bsr_plan = {d.layer.key: d.variant for d in matmuls if d.variant is not None}
-    input_plan = {d.layer.key: d.kernel for d in matmuls if d.variant is None}
-    conv_plan = {d.layer.key: d.kernel for d in chosen if isinstance(d.layer, ConvLayer)}
-    rnn_plan = {d.layer.key: d.kernel for d in chosen if isinstance(d.layer, RecurrentLayer)}
-    pointwise = {d.layer.key for d in matmuls if d.layer.conv_hw is not None}
-    mod = RewriteRecurrentToSparse(rnn_plan)(mod)
-    mod = RewriteConvToBSR(conv_plan)(mod)
-    mod = RewriteConv1x1ToMatmul(only=pointwise)(mod)
-    mod = RewriteInputSparse(input_plan)(mod)
-    mod = RewriteDenseToBSR(bsr_plan)(mod)
-    mod = optimize(mod, tgt, dump_dir=dump_ir, on_phase=on_phase, phases=("legalize", "schedule"))
+    db = open_database(database) if database is not None else None
+    with using_database(db):
+        proto, specs, tgt, mod, decisions = _prepare(
+            model, target, shapes, sparse, policy, calibration, dump_ir, on_phase, db
+        )
+        mod = optimize(mod, tgt, dump_dir=dump_ir, on_phase=on_phase, phases=("schedule",))
     if on_phase:
         on_phase("build")
     executable = relax.build(mod, tgt, relax_pipeline=lowering_pipeline(tgt))

@@ -353,7 +353,12 @@ def _force(layer: MatmulLayer, timer: Timer | None) -> Decision:
 
 
 def select_recurrent(
-    layers: list, sparse: str, policy: str, target: tvm.target.Target, progress=None
+    layers: list,
+    sparse: str,
+    policy: str,
+    target: tvm.target.Target,
+    progress=None,
+    cache: dict | None = None,
 ) -> list[Decision]:
     """The choice for fused recurrent layers (`rewrite_recurrent_to_sparse.RecurrentLayer`):
     dense, or a sparse kernel per gate set and format (measured, or by gate sparsity)."""
@@ -385,6 +390,6 @@ def select_recurrent(
                     )
                 )
             continue
-        times = {n: time_candidate(layer, n, target) for n in names}
+        times = {n: time_candidate(layer, n, target, cache) for n in names}
         decisions.append(_fastest(layer, times, sparse))
     return decisions
