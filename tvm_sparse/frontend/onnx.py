@@ -23,9 +23,16 @@ _install_lock = threading.Lock()
 
 def _extra_converters() -> dict:
     # Imported lazily: the converter modules import TVM's frontend and our kernel factories.
-    from . import quant, rnn
+    from . import quant, quant_contrib, rnn
 
-    return {**rnn.CONVERTERS, **quant.CONVERTERS}
+    return {**rnn.CONVERTERS, **quant.CONVERTERS, **quant_contrib.CONVERTERS}
+
+
+def _extra_domain_ops() -> dict[str, tuple[str, ...]]:
+    """Ops of other domains we convert (ONNX Runtime's ``com.microsoft`` int8 ops)."""
+    from . import quant_contrib
+
+    return quant_contrib.DOMAIN_OPS
 
 
 def _install_hook() -> None:
@@ -154,8 +161,11 @@ def input_specs(
 
 
 def _check_supported(model: onnx.ModelProto, table: dict, opset: int) -> None:
+    domain_ops = _extra_domain_ops()
     for i, node in enumerate(model.graph.node):
         if node.op_type in ("Constant", "If"):
+            continue
+        if node.op_type in domain_ops.get(node.domain, ()):
             continue
         if node.domain not in _STANDARD_DOMAINS or node.op_type not in table:
             op = (
