@@ -23,10 +23,12 @@ from .quant import (
     _Converter,
     _dtype,
     _FormError,
+    _int32,
     _minus_zero_point,
     _np_const,
     _param,
     _shape,
+    dynamic_quantize,
 )
 
 _DOMAIN = "com.microsoft"
@@ -245,6 +247,126 @@ class QLinearSigmoid(_Converter):
         return _qlinear_unary(inputs, relax.op.sigmoid)
 
 
+class DynamicQuantizeLSTM(_Converter):
+    """ONNX Runtime's LSTM with int8/uint8 W [D, I, 4H] and R [D, H, 4H] (gates i, o, f, c).
+
+    As ORT's CPU kernel: X (all steps of a direction at once) and then h of every step are
+    quantized to uint8 from their own range (:func:`quant.dynamic_quantize`), multiplied with
+    the weights in int32 (one weight zero point per direction: ORT reads the first), scaled by
+    ``x_scale * w_scale`` (per tensor or per gate column) in float32; the bias W_b + R_b and
+    the gate activations then run in float32. Unrolled over the time steps: each step's
+    quantization needs the previous step's h. Default activations only; no clip,
+    input_forget or sequence_lens shorter than the sequence.
+    """
+
+    op_type = "DynamicQuantizeLSTM"
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        x, w, r, bias, lens, h0, c0, peep = (inputs[i] for i in range(8))
+        w_scale, w_zp, r_scale, r_zp = (inputs[i] for i in range(8, 12))
+        direction = attr.get("direction", b"forward")
+        direction = direction.decode() if isinstance(direction, bytes) else direction
+        reverse = {"forward": (False,), "reverse": (True,), "bidirectional": (False, True)}
+        if direction not in reverse:
+            raise _FormError(f"direction={direction}")
+        for key, default in (("clip", None), ("input_forget", 0), ("activations", None)):
+            if key in attr and attr[key] != default:
+                raise _FormError(f"{key}={attr[key]}")
+        _check_dtype(x, ("float32",), "input X")
+        n_t, n_b, _ = _shape(x)
+        hidden = _shape(r)[1]
+        if lens is not None:
+            values = _const(lens)
+            if values is None or not np.all(values == n_t):
+                raise _FormError("sequence_lens other than the sequence length")
+        outs = [[], [], []]
+        for d, rev in enumerate(reverse[direction]):
+            pick = [None if v is None else _direction(bb, v, d) for v in (h0, c0, peep, bias)]
+            y, h, c = _lstm_direction(
+                bb, x, (n_t, n_b, hidden), rev, [_weight(v, s, z, d) for v, s, z in
+                ((w, w_scale, w_zp), (r, r_scale, r_zp))], *pick
+            )  # fmt: skip
+            for k, value in enumerate((y, h, c)):
+                outs[k].append(value)
+        y = relax.op.stack(outs[0], axis=1)  # [T, D, B, H]
+        return relax.Tuple([y, relax.op.stack(outs[1], 0), relax.op.stack(outs[2], 0)])
+
+
+def _direction(bb, value: relax.Expr, d: int) -> relax.Expr:
+    folded = _const(value)
+    if folded is not None:
+        return _np_const(folded[d])
+    return bb.emit(relax.op.squeeze(relax.op.strided_slice(value, [0], [d], [d + 1]), [0]))
+
+
+def _weight(w, scale, zp, d: int) -> tuple[relax.Expr, relax.Expr]:
+    """Direction d of a quantized weight as ``int32(w - zp[d][0])`` and its float32 scale."""
+    _check_dtype(w, tuple(_QRANGE), "quantized weight")
+    values = [_const(v) for v in (w, scale, zp)]
+    if any(v is None for v in values):
+        raise _FormError("weights, scales or zero points that are not constants")
+    w_val, s_val, z_val = values
+    w32 = w_val[d].astype(np.int32) - np.int32(np.asarray(z_val).reshape(w_val.shape[0], -1)[d, 0])
+    s_val = np.asarray(s_val, np.float32).reshape(w_val.shape[0], -1)[d]
+    return _np_const(w32), _np_const(s_val if s_val.size > 1 else s_val.reshape(()))
+
+
+def _quantized_matmul(bb, a: relax.Expr, weight) -> relax.Expr:
+    """ORT's quantized GEMM: a quantized from its own range, int32 product, float32 scale."""
+    w32, w_scale = weight
+    q, scale, zp = (bb.emit(e) for e in dynamic_quantize(a))
+    a32 = relax.op.subtract(_int32(q), _int32(zp))
+    acc = bb.emit(relax.op.matmul(a32, w32, out_dtype="int32"))
+    return bb.emit(relax.op.multiply(_f32(acc), relax.op.multiply(scale, w_scale)))
+
+
+def _lstm_direction(bb, x, dims, reverse, weights, h0, c0, peep, bias):
+    """One direction, unrolled: returns (Y [T, B, H], h_T, c_T)."""
+    n_t, n_b, hidden = dims
+    n_in = _shape(x)[2]
+    proj = _quantized_matmul(bb, bb.emit(relax.op.reshape(x, [n_t * n_b, n_in])), weights[0])
+    proj = bb.emit(relax.op.reshape(proj, [n_t, n_b, 4 * hidden]))
+    if bias is not None:  # ORT adds W_b + R_b (summed once) after the two products
+        b_val = _const(bias)
+        bias = (
+            _np_const(b_val[: 4 * hidden] + b_val[4 * hidden :])
+            if b_val is not None
+            else bb.emit(relax.op.add(*relax.op.split(bias, 2)))
+        )
+    zeros = _np_const(np.zeros((n_b, hidden), np.float32))
+    h, c = h0 if h0 is not None else zeros, c0 if c0 is not None else zeros
+    p = None if peep is None else [_slice(bb, peep, k, hidden, axis=0) for k in range(3)]
+    ys = []
+    for t in reversed(range(n_t)) if reverse else range(n_t):
+        step = bb.emit(relax.op.squeeze(relax.op.strided_slice(proj, [0], [t], [t + 1]), [0]))
+        gates = bb.emit(relax.op.add(step, _quantized_matmul(bb, h, weights[1])))
+        gi, go, gf, gc = (_slice(bb, gates, k, hidden) for k in range(4))
+        if p is not None:  # peepholes P = [p_i, p_o, p_f]
+            gi = bb.emit(relax.op.add(gi, relax.op.multiply(p[0], c)))
+            gf = bb.emit(relax.op.add(gf, relax.op.multiply(p[2], c)))
+        if bias is not None:
+            gi, go, gf, gc = (
+                bb.emit(relax.op.add(g, _slice(bb, bias, k, hidden, axis=0)))
+                for k, g in enumerate((gi, go, gf, gc))
+            )
+        i, f = bb.emit(relax.op.sigmoid(gi)), bb.emit(relax.op.sigmoid(gf))
+        c = bb.emit(relax.op.add(relax.op.multiply(c, f), relax.op.multiply(i, relax.op.tanh(gc))))
+        if p is not None:
+            go = bb.emit(relax.op.add(go, relax.op.multiply(p[1], c)))
+        h = bb.emit(relax.op.multiply(relax.op.sigmoid(go), relax.op.tanh(c)))
+        ys.append(h)
+    ys = ys[::-1] if reverse else ys
+    return bb.emit(relax.op.stack(ys, axis=0)), h, c
+
+
+def _slice(bb, value, k: int, size: int, axis: int = 1) -> relax.Expr:
+    folded = _const(value)
+    if folded is not None:
+        return _np_const(np.take(folded, range(k * size, (k + 1) * size), axis=axis))
+    return bb.emit(relax.op.strided_slice(value, [axis], [k * size], [(k + 1) * size]))
+
+
 CONVERTERS: dict[str, type] = {
     cls.op_type: cls
     for cls in (
@@ -255,6 +377,7 @@ CONVERTERS: dict[str, type] = {
         QLinearConcat,
         QLinearLeakyRelu,
         QLinearSigmoid,
+        DynamicQuantizeLSTM,
     )
 }
 DOMAIN_OPS = {_DOMAIN: tuple(CONVERTERS)}
