@@ -205,6 +205,9 @@ def from_onnx(
             node.name = f"{node.op_type}_{first}"
     table = {**onnx_frontend._get_convert_map(), **_extra_converters()}
     _check_supported(proto, table, opset)
+    from .quant import check_forms
+
+    check_forms(proto, opset)
     guarded = {op: _guard(op, cls, opset) for op, cls in table.items()}
     shape_dict = {s.name: list(s.shape) for s in specs}
     dtype_dict = {s.name: s.dtype for s in specs}
