@@ -319,11 +319,12 @@ def dynamic_quantize(x: relax.Expr) -> tuple[relax.Expr, relax.Expr, relax.Expr]
 
     ``scale = (max(x, 0) - min(x, 0)) / 255`` in float32 (1 when that range is empty, where the
     ONNX formula would divide by zero), ``zero_point = round(saturate(-min / scale))``,
-    ``q = saturate(round(x / scale) + zero_point)``, rounding half to even.
+    ``q = saturate(round(x / scale) + zero_point)``, rounding half to even. Scale and zero point
+    keep x's rank (all dims 1): 0-d kernels trip the project's transpose schedule rule.
     """
     zero, one = _np_const(np.float32(0)), _np_const(np.float32(1))
-    lo = relax.op.minimum(relax.op.min(x), zero)
-    hi = relax.op.maximum(relax.op.max(x), zero)
+    lo = relax.op.minimum(relax.op.min(x, keepdims=True), zero)
+    hi = relax.op.maximum(relax.op.max(x, keepdims=True), zero)
     span = relax.op.subtract(hi, lo)
     scale = relax.op.where(
         relax.op.equal(span, zero), one, relax.op.divide(span, _np_const(np.float32(255)))
@@ -341,7 +342,10 @@ class DynamicQuantizeLinear(_Converter):
     @classmethod
     def _impl_v11(cls, bb, inputs, attr, params):
         _check_dtype(inputs[0], ("float32",), "input x")
-        return relax.Tuple([bb.normalize(e) for e in dynamic_quantize(inputs[0])])
+        q, scale, zp = (bb.emit(e) for e in dynamic_quantize(inputs[0]))
+        return relax.Tuple(
+            [q, bb.emit(relax.op.reshape(scale, [])), bb.emit(relax.op.reshape(zp, []))]
+        )
 
 
 # ------------------------------------------------- QuantizeLinear / DequantizeLinear, blocked
