@@ -15,6 +15,7 @@ import tvm
 
 from .._compat import onnx_frontend
 from ..errors import ModelLoadError, ShapeError, TvmSparseError, UnsupportedOpError
+from .quant_forms import check_forms
 
 _STANDARD_DOMAINS = ("", "ai.onnx")
 _scope = threading.local()
@@ -205,8 +206,6 @@ def from_onnx(
             node.name = f"{node.op_type}_{first}"
     table = {**onnx_frontend._get_convert_map(), **_extra_converters()}
     _check_supported(proto, table, opset)
-    from .quant import check_forms
-
     check_forms(proto, opset)
     guarded = {op: _guard(op, cls, opset) for op, cls in table.items()}
     shape_dict = {s.name: list(s.shape) for s in specs}
