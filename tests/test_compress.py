@@ -212,8 +212,10 @@ def test_zeros_stay_zeros():
         {"strides": [2, 1], "pads": [1, 0, 2, 1]},
         {"group": 2, "dilations": [2, 1], "pads": [1, 1, 1, 1]},
         {"group": 4, "auto_pad": "VALID"},
+        {"strides": [2, 2], "auto_pad": "SAME_UPPER"},
+        {"dilations": [1, 2], "auto_pad": "SAME_LOWER"},
     ],
-    ids=["strided-padded", "grouped-dilated", "depthwise-valid"],
+    ids=["strided-padded", "grouped-dilated", "depthwise-valid", "same-upper", "same-lower"],
 )
 def test_conv_output_shift_is_mean_of_conv_with_weight_error(attrs):
     """E[conv(x, dW)] per channel from the mean input patch equals the brute-force mean."""
@@ -273,6 +275,29 @@ def test_layer_without_bias_gets_one_only_with_correction(matmul_model, rng):
     feeds = {"x": calib[0]}
     step = _output_step(corrected)
     assert np.abs(ort_run(corrected, feeds)[0] - ort_run(plain, feeds)[0]).max() < 20 * step
+
+
+def test_gemm_with_row_bias_and_untransposed_weight(rng):
+    """Gemm transB=0 (weight [K, N], channels on axis 1) with a [1, N] bias: quantized, and
+    ORT and tvm-sparse agree within one output step."""
+    w = rng.standard_normal((24, 8)).astype(np.float32)
+    c = rng.standard_normal((1, 8)).astype(np.float32)
+    node = helper.make_node("Gemm", ["x", "w", "c"], ["y"], name="fc")
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 24])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 8])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(c, "c")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    calib = rng.standard_normal((4, 5, 24)).astype(np.float32)
+    q = quantize(model, {"x": calib})
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    assert inits["w_scale"].shape == (8,) and inits["c_quantized"].shape == (8,)
+    feeds = {"x": calib[0]}
+    ours = tvm_sparse.compile(q, sparse="off").run(feeds)[0]
+    assert np.abs(ours - ort_run(q, feeds)[0]).max() <= _output_step(q) * 1.001
 
 
 # ------------------------------------------------------------------------------ bad input

@@ -97,12 +97,11 @@ def _find_layers(graph: onnx.GraphProto, inits: dict[str, np.ndarray]) -> list[_
                 continue
             axis = 0 if _attr(node, "transB", 0) else 1
             c = node.input[2] if len(node.input) > 2 and node.input[2] else None
-            if c is not None and (c not in inits or inits[c].shape != (w.shape[axis],)):
+            # A bias that broadcasts along rows (scalar, [N], [1, N]) becomes a per-channel [N].
+            if c is not None and (c not in inits or inits[c].size not in (1, w.shape[axis])):
                 continue
             bias = c
         else:
-            if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
-                continue
             axis = 0
             bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
             if bias is not None and bias not in inits:
@@ -142,9 +141,21 @@ def activation_params(lo: float, hi: float, dtype: str) -> tuple[np.float32, np.
     return scale, np.array(zp, dtype=dtype)
 
 
-def _conv_pads(node: onnx.NodeProto, nd: int) -> list[int]:
-    if _attr(node, "auto_pad", b"NOTSET") in (b"VALID", "VALID"):
+def _conv_pads(node, spatial: list[int], kernel, strides, dilations) -> list[int]:
+    """Explicit pads (all begins, then all ends), resolving auto_pad as ONNX does."""
+    nd = len(spatial)
+    auto_pad = _attr(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad == "VALID":
         return [0] * (2 * nd)
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        head, tail = [], []
+        for size, k, s, d in zip(spatial, kernel, strides, dilations):
+            needed = max(0, (-(-size // s) - 1) * s + (k - 1) * d + 1 - size)
+            begin = (needed + 1) // 2 if auto_pad == "SAME_LOWER" else needed // 2
+            head.append(begin)
+            tail.append(needed - begin)
+        return head + tail
     return list(_attr(node, "pads", [0] * (2 * nd)))
 
 
@@ -157,7 +168,7 @@ def _mean_patch(x: np.ndarray, node: onnx.NodeProto, kernel: list[int]) -> np.nd
     nd = len(kernel)
     strides = list(_attr(node, "strides", [1] * nd))
     dilations = list(_attr(node, "dilations", [1] * nd))
-    pads = _conv_pads(node, nd)
+    pads = _conv_pads(node, list(x.shape[2:]), kernel, strides, dilations)
     xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)])
     sizes = [
         (xp.shape[2 + i] - (kernel[i] - 1) * dilations[i] - 1) // strides[i] + 1 for i in range(nd)
@@ -337,7 +348,9 @@ def _rewrite_layer(b, layer, inits, x_scale, mean, per_channel, bias_correction)
     node.input[1] = b.dequantized_const(layer.weight, q, w_scale, np.zeros_like(w_scale, np.int8),
                                         layer.axis)  # fmt: skip
     n_out = w.shape[layer.axis]
-    bias = inits[layer.bias].astype(np.float64) if layer.bias else np.zeros(n_out)
+    bias = np.zeros(n_out)
+    if layer.bias:
+        bias = bias + inits[layer.bias].astype(np.float64).reshape(-1)
     if bias_correction:
         shape = [1] * w.ndim
         if axis is not None:
