@@ -1,9 +1,10 @@
 """ONNX Runtime's int8 contrib ops, DynamicQuantizeLinear and rejected low-precision forms.
 
 ONNX Runtime is the reference for the com.microsoft ops. Integer outputs must match it exactly
-except where noted: QLinearAdd/QLinearMul/QLinearSigmoid run fixed-point or table shortcuts in
-ORT's x86 kernels, so values within ~2^-13 of a rounding tie may differ by one step (the
-tests count such differences and require them to be rare and at most one step).
+except where noted: QLinearAdd/QLinearMul/QLinearSigmoid run fixed-point or approximate
+shortcuts in ORT's x86 kernels, so values close to a rounding tie may differ by one step (the
+tests require such differences to be rare and at most one step; measured: QLinearMul 24 and 7
+of 16384 values for uint8 and int8, the others none).
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ QLinearGlobalAveragePool, QLinearConcat, QLinearLeakyRelu, QLinearSigmoid) and i
 each converter computes what its CPU kernels compute: float32 requantization
 (``saturate(round_half_even(float32(acc) * multiplier) + zero_point)``) with the multiplier
 formed in float32 in the kernel's order. Where ORT's x86 kernels use a fixed-point shortcut
-(QLinearAdd) or an approximate activation table (QLinearSigmoid), the result can differ by
-one quantisation step at values within ~2^-13 of a rounding tie.
+(QLinearMul, QLinearAdd) or an approximate activation (QLinearSigmoid), the result can differ
+by one quantisation step at values close to a rounding tie: measured on 16384 random values,
+QLinearMul differs on 24 (uint8) and 7 (int8), QLinearAdd and the activations on none.
 """
 
 from __future__ import annotations
