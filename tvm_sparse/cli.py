@@ -267,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
         "a standard QDQ ONNX model (ONNX Runtime and 'tvm-sparse compile' run it): symmetric "
         "int8 weights (zeros stay zeros), activation ranges measured on the --calib samples, "
         "int32 biases with bias correction (the mean output shift the weight quantization "
-        "causes on the samples is subtracted from the bias).",
+        "causes on the samples is subtracted from the bias). LSTM layers get int8 W and R "
+        "with corrected float biases; their activations stay float.",
     )
     p.add_argument("model", help="fp32 ONNX model file (opset >= 13)")
     p.add_argument(

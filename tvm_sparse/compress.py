@@ -12,6 +12,9 @@ every MatMul, Gemm and Conv with a constant fp32 weight gets
   quantizing the weight causes is measured on the calibration data (per output channel) and
   subtracted from the bias. A layer without a bias gets one when the correction is non-zero.
 
+LSTMs get int8 W and R with corrected float biases, activations left float
+(:mod:`tvm_sparse.compress_lstm`).
+
 Only ``onnx`` and NumPy are needed: the fp32 model runs on ONNX's reference evaluator.
 """
 
@@ -25,6 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from . import compress_lstm
 from .calibration import _samples
 from .errors import TvmSparseError
 
@@ -208,14 +212,15 @@ def output_shift(layer_op: str, dw: np.ndarray, mean: np.ndarray, axis: int) -> 
 # ----------------------------------------------------------------------------------- calibrate
 
 
-def _calibrate(model, layers, calibration, watched) -> tuple[dict, dict]:
-    """Run the fp32 model on every sample: min/max of `watched` tensors, input means of layers."""
+def _calibrate(model, layers, lstms, calibration, watched) -> tuple[dict, dict]:
+    """Run the fp32 model on every sample: min/max of `watched` tensors, input means of layers
+    (keyed by node identity; an LSTM's are its x and h_{t-1} means)."""
     from onnx.reference import ReferenceEvaluator
 
     evaluator = ReferenceEvaluator(model)
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     ranges = {t: [np.inf, -np.inf] for t in watched}
-    means = {id(layer.node): [] for layer in layers}
+    means = {id(node): [] for node in [layer.node for layer in layers] + lstms}
     samples = _samples(model, calibration)
     for feeds in samples:
         feeds = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()}
@@ -227,7 +232,17 @@ def _calibrate(model, layers, calibration, watched) -> tuple[dict, dict]:
         for layer in layers:
             x = np.asarray(values[layer.data])
             means[id(layer.node)].append(_input_mean(layer, x, inits[layer.weight]))
-    return ranges, {k: np.mean(v, axis=0) for k, v in means.items()}
+        for node in lstms:
+            means[id(node)].append(compress_lstm.input_means(node, values))
+    averaged = {}
+    for key, samples_ in means.items():
+        if samples_ and isinstance(samples_[0], tuple):  # LSTM: (mean x, mean h or None)
+            averaged[key] = tuple(
+                None if part[0] is None else np.mean(part, axis=0) for part in zip(*samples_)
+            )
+        else:
+            averaged[key] = np.mean(samples_, axis=0)
+    return ranges, averaged
 
 
 # ---------------------------------------------------------------------------------- graph edit
@@ -321,16 +336,19 @@ def quantize(
     graph = proto.graph
     inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     layers = _find_layers(graph, inits)
-    if not layers:
-        raise TvmSparseError("quantize: no MatMul, Gemm or Conv with a constant fp32 weight")
+    lstms = compress_lstm.find_lstms(graph, inits)
+    if not layers and not lstms:
+        raise TvmSparseError("quantize: no MatMul, Gemm, Conv or LSTM with a constant fp32 weight")
     watched = list(dict.fromkeys(t for layer in layers for t in (layer.data, layer.out)))
-    ranges, means = _calibrate(source, layers, calibration, watched)
+    ranges, means = _calibrate(source, layers, lstms, calibration, watched)
     params = {t: activation_params(*ranges[t], activation_type) for t in watched}
 
     b = _Builder(graph)
     for layer in layers:
         _rewrite_layer(b, layer, inits, params[layer.data][0], means[id(layer.node)], per_channel,
                        bias_correction)  # fmt: skip
+    for node in lstms:
+        compress_lstm.rewrite_lstm(b, node, inits, means[id(node)], per_channel, bias_correction)
     _insert_qdq(b, graph, params)
     used = {n for node in graph.node for n in node.input}
     kept = [t for t in graph.initializer if t.name in used]
