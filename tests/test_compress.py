@@ -343,6 +343,34 @@ def test_lstm_weights_int8_with_corrected_biases(bidirectional):
     np.testing.assert_allclose(ours, ort_run(q, {"input": tests[0]})[0], rtol=1e-4, atol=1e-5)
 
 
+def test_several_bias_free_layers_all_quantized(rng):
+    """Two MatMuls without bias: each gets a corrected bias Add and an int8 weight."""
+    w1 = rng.standard_normal((16, 12)).astype(np.float32)
+    w2 = rng.standard_normal((12, 6)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 6])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    calib = rng.uniform(0, 2, (6, 4, 16)).astype(np.float32)
+    q = quantize(model, {"x": calib})
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    assert inits["w1_quantized"].dtype == inits["w2_quantized"].dtype == np.int8
+    assert "w1" not in inits and "w2" not in inits
+    assert [n.op_type for n in q.graph.node].count("Add") == 2
+    feeds = {"x": calib[0]}
+    ours = tvm_sparse.compile(q, sparse="off").run(feeds)[0]
+    assert np.abs(ours - ort_run(q, feeds)[0]).max() <= _output_step(q) * 1.001
+
+
 # ------------------------------------------------------------------------------ bad input
 
 

@@ -257,6 +257,9 @@ class _Builder:
         self.names |= {i.name for i in graph.input}
         self.inits: list[onnx.TensorProto] = []
         self.head: list[onnx.NodeProto] = []  # constant DequantizeLinear nodes
+        # Nodes to insert after a node (by id): the graph's node list is rebuilt only once, at
+        # the end, because rebuilding it detaches the node objects the layers still edit.
+        self.after: dict[int, list[onnx.NodeProto]] = {}
 
     def fresh(self, base: str) -> str:
         name, k = base, 0
@@ -392,10 +395,7 @@ def _rewrite_layer(b, layer, inits, x_scale, mean, per_channel, bias_correction)
         mm_out = b.fresh(f"{node.output[0]}_matmul")
         add = helper.make_node("Add", [mm_out, b_dq], [node.output[0]], name=f"{mm_out}_bias")
         node.output[0] = mm_out
-        nodes = list(b.graph.node)
-        nodes.insert(nodes.index(node) + 1, add)
-        del b.graph.node[:]
-        b.graph.node.extend(nodes)
+        b.after.setdefault(id(node), []).append(add)  # inserted when the node list is rebuilt
 
 
 def _insert_qdq(b: _Builder, graph: onnx.GraphProto, params: dict) -> None:
@@ -406,7 +406,7 @@ def _insert_qdq(b: _Builder, graph: onnx.GraphProto, params: dict) -> None:
     consumers read ``<t>_dequantized``.
     """
     graph_inputs = {i.name for i in graph.input}
-    nodes = list(graph.node)
+    nodes = [n for node in graph.node for n in [node, *b.after.get(id(node), [])]]
     new_nodes = list(b.head)
 
     def qdq(t: str, src: str, dst: str) -> list[onnx.NodeProto]:
