@@ -16,6 +16,7 @@ _EPILOG = """examples:
   tvm-sparse run build/ --inputs inputs.npz --out outputs.npz
   tvm-sparse tune model.onnx --db tuning/ --trials 64 --budget 15m
   tvm-sparse compile model.onnx -o build/ --db tuning/
+  tvm-sparse quantize model.onnx --calib samples.npz -o model.int8.onnx
 """
 
 
@@ -223,6 +224,38 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    import onnx
+
+    from .compress import quantize
+    from .errors import InputError
+
+    if args.calib is None:
+        raise InputError("quantize needs --calib DATA.npz (sample inputs by input name)")
+    model = quantize(
+        args.model,
+        _calibration(args.calib),
+        per_channel=args.per_channel,
+        bias_correction=args.bias_correction,
+        activation_type=args.activations,
+    )
+    out = os.path.abspath(args.output)
+    if os.path.isdir(out):
+        raise InputError(f"-o {args.output}: is a directory")
+    # Written beside the target and renamed: a failed run never leaves a truncated model.
+    tmp = f"{out}.tmp-{os.getpid()}"
+    try:
+        onnx.save(model, tmp)
+        os.replace(tmp, out)
+    except OSError as err:
+        raise InputError(f"-o {args.output}: cannot write ({err.strerror})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    print(f"wrote {args.output}")
+    return 0
+
+
 def _add_target_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--target",
@@ -357,6 +390,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inputs", required=True, metavar="INPUTS.npz", help="input arrays by name")
     p.add_argument("--out", metavar="OUTPUTS.npz", help="save the outputs (by output name)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "quantize",
+        help="post-training int8 quantization of an fp32 model to QDQ ONNX",
+        description="Quantize the MatMul, Gemm and Conv layers of an fp32 MODEL to int8 and write "
+        "a standard QDQ ONNX model (ONNX Runtime and 'tvm-sparse compile' run it): symmetric "
+        "int8 weights (zeros stay zeros), activation ranges measured on the --calib samples, "
+        "int32 biases with bias correction (the mean output shift the weight quantization "
+        "causes on the samples is subtracted from the bias). LSTM layers get int8 W and R "
+        "with corrected float biases; their activations stay float.",
+    )
+    p.add_argument("model", help="fp32 ONNX model file (opset >= 13)")
+    p.add_argument(
+        "--calib",
+        metavar="DATA.npz",
+        help="calibration samples: arrays by input name, samples stacked on a first axis "
+        "(required)",
+    )
+    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="output file")
+    p.add_argument(
+        "--per-tensor",
+        dest="per_channel",
+        action="store_false",
+        help="one weight scale per tensor (default: one per output channel)",
+    )
+    p.add_argument(
+        "--no-bias-correction",
+        dest="bias_correction",
+        action="store_false",
+        help="keep the biases as they are",
+    )
+    p.add_argument(
+        "--activations",
+        choices=("uint8", "int8"),
+        default="uint8",
+        help="activation type (asymmetric; default uint8, as ONNX Runtime)",
+    )
+    p.set_defaults(func=cmd_quantize)
     return parser
 
 

@@ -15,6 +15,7 @@ import tvm
 
 from .._compat import onnx_frontend
 from ..errors import ModelLoadError, ShapeError, TvmSparseError, UnsupportedOpError
+from .quant_forms import check_forms
 
 _STANDARD_DOMAINS = ("", "ai.onnx")
 _scope = threading.local()
@@ -23,9 +24,16 @@ _install_lock = threading.Lock()
 
 def _extra_converters() -> dict:
     # Imported lazily: the converter modules import TVM's frontend and our kernel factories.
-    from . import quant, rnn
+    from . import quant, quant_contrib, rnn
 
-    return {**rnn.CONVERTERS, **quant.CONVERTERS}
+    return {**rnn.CONVERTERS, **quant.CONVERTERS, **quant_contrib.CONVERTERS}
+
+
+def _extra_domain_ops() -> dict[str, tuple[str, ...]]:
+    """Ops of other domains we convert (ONNX Runtime's ``com.microsoft`` int8 ops)."""
+    from . import quant_contrib
+
+    return quant_contrib.DOMAIN_OPS
 
 
 def _install_hook() -> None:
@@ -154,8 +162,11 @@ def input_specs(
 
 
 def _check_supported(model: onnx.ModelProto, table: dict, opset: int) -> None:
+    domain_ops = _extra_domain_ops()
     for i, node in enumerate(model.graph.node):
         if node.op_type in ("Constant", "If"):
+            continue
+        if node.op_type in domain_ops.get(node.domain, ()):
             continue
         if node.domain not in _STANDARD_DOMAINS or node.op_type not in table:
             op = (
@@ -195,6 +206,7 @@ def from_onnx(
             node.name = f"{node.op_type}_{first}"
     table = {**onnx_frontend._get_convert_map(), **_extra_converters()}
     _check_supported(proto, table, opset)
+    check_forms(proto, opset)
     guarded = {op: _guard(op, cls, opset) for op, cls in table.items()}
     shape_dict = {s.name: list(s.shape) for s in specs}
     dtype_dict = {s.name: s.dtype for s in specs}

@@ -9,7 +9,9 @@ are folded with NumPy at import time.
 
 Also here: QuantizeLinear/DequantizeLinear overrides that add blocked quantization, which TVM's
 converters reject (ONNX node tests ``test_quantizelinear_blocked_asymmetric`` and
-``test_dequantizelinear_blocked``).
+``test_dequantizelinear_blocked``), and DynamicQuantizeLinear as ONNX Runtime computes it
+(``quantize_dynamic`` output). ONNX Runtime's contrib ops are in :mod:`.quant_contrib`; the
+forms rejected before import (int4, float8, ...) in :mod:`.quant_forms`.
 """
 
 from __future__ import annotations
@@ -310,6 +312,43 @@ class ConvInteger(_Converter):
         )
 
 
+# ------------------------------------------------------------------ DynamicQuantizeLinear
+
+
+def dynamic_quantize(x: relax.Expr) -> tuple[relax.Expr, relax.Expr, relax.Expr]:
+    """uint8 ``(q, scale, zero_point)`` of a float32 tensor from its own range, as ONNX Runtime.
+
+    ``scale = (max(x, 0) - min(x, 0)) / 255`` in float32 (1 when that range is empty, where the
+    ONNX formula would divide by zero), ``zero_point = round(saturate(-min / scale))``,
+    ``q = saturate(round(x / scale) + zero_point)``, rounding half to even. Scale and zero point
+    keep x's rank (all dims 1): 0-d kernels trip the project's transpose schedule rule.
+    """
+    zero, one = _np_const(np.float32(0)), _np_const(np.float32(1))
+    lo = relax.op.minimum(relax.op.min(x, keepdims=True), zero)
+    hi = relax.op.maximum(relax.op.max(x, keepdims=True), zero)
+    span = relax.op.subtract(hi, lo)
+    scale = relax.op.where(
+        relax.op.equal(span, zero), one, relax.op.divide(span, _np_const(np.float32(255)))
+    )
+    zp = relax.op.round(relax.op.clip(relax.op.negative(relax.op.divide(lo, scale)), 0, 255))
+    q = relax.op.clip(relax.op.add(relax.op.round(relax.op.divide(x, scale)), zp), 0, 255)
+    return relax.op.astype(q, "uint8"), scale, relax.op.astype(zp, "uint8")
+
+
+class DynamicQuantizeLinear(_Converter):
+    """ONNX DynamicQuantizeLinear (uint8), see :func:`dynamic_quantize`."""
+
+    op_type = "DynamicQuantizeLinear"
+
+    @classmethod
+    def _impl_v11(cls, bb, inputs, attr, params):
+        _check_dtype(inputs[0], ("float32",), "input x")
+        q, scale, zp = (bb.emit(e) for e in dynamic_quantize(inputs[0]))
+        return relax.Tuple(
+            [q, bb.emit(relax.op.reshape(scale, [])), bb.emit(relax.op.reshape(zp, []))]
+        )
+
+
 # ------------------------------------------------- QuantizeLinear / DequantizeLinear, blocked
 
 
@@ -428,6 +467,7 @@ CONVERTERS: dict[str, type] = {
     "QLinearConv": QLinearConv,
     "QLinearMatMul": QLinearMatMul,
     "ConvInteger": ConvInteger,
+    "DynamicQuantizeLinear": DynamicQuantizeLinear,
     "QuantizeLinear": QuantizeLinear,
     "DequantizeLinear": DequantizeLinear,
 }
