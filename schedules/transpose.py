@@ -50,6 +50,8 @@ class Transpose(dl.ScheduleRule):
             except Exception:
                 return None
         (info,) = normalize_prim_func(sch)
+        if not info.iters:  # a 0-d result (scalar arithmetic): nothing to transpose
+            return None
         rows = const_extent(info.iters[0].dom)
         if not _is_transpose(sch, info) or rows is None or rows < 2 * TILE:
             return None

@@ -55,6 +55,8 @@ def _layer_report(proto: onnx.ModelProto, decisions: list) -> list[dict]:
             row.update(kernel="dense", why="not in matmul form (dense conv schedule)")
     for d in decisions:  # layers the importer created (e.g. recurrent input projections)
         if _join_key(d) not in matched:
+            if not hasattr(d.layer, "view") and not hasattr(d.layer, "shape"):
+                continue  # a recurrent layer whose weights the ONNX rows do not hold (e.g. DQ)
             n, k = d.layer.view.shape if hasattr(d.layer, "view") else d.layer.shape
             rows.append(
                 {
