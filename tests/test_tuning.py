@@ -270,3 +270,30 @@ def test_ctrl_c_leaves_a_valid_database_and_a_rerun_continues(tmp_path):
     assert done >= 2
     rerun = tune(path, database=db, trials=done + 1, sparse="off")
     assert sum(r.new_trials for r in rerun.rows) == 1
+
+
+def test_compile_with_database_reuses_the_stored_selection(tmp_path, monkeypatch):
+    """The measured selection's timings are stored with the database; a build with it chooses
+    from them without timing anything again, so every build picks the same kernels."""
+    import tvm_sparse
+    from tvm_sparse import selection
+    from tvm_sparse.examples import prune_weight
+
+    model, w = _matmul_model(m=16, k=64, n=64, seed=4)
+    pruned = prune_weight("MatMul", w, 0.9, (4, 1))
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(pruned, "w"))
+    report = tune(model, database=tmp_path / "db", trials=2)
+    assert report.complete
+    stored = json.loads((tmp_path / "db" / "selection.json").read_text())
+    assert sum(len(v) for v in stored.values()) >= 2  # dense and at least one sparse candidate
+
+    def no_timing(*_):
+        raise AssertionError("a candidate was timed again")
+
+    monkeypatch.setattr(selection.Timer, "_time_module", no_timing)
+    first = tvm_sparse.compile(model, database=tmp_path / "db")
+    second = tvm_sparse.compile(model, database=tmp_path / "db")
+    kernels = [r.get("kernel") for r in first.report]
+    assert kernels == [r.get("kernel") for r in second.report]
+    x = np.random.default_rng(2).standard_normal((16, 64)).astype(np.float32)
+    np.testing.assert_allclose(first.run({"x": x})[0], x @ pruned, rtol=1e-4, atol=1e-4)
