@@ -421,7 +421,18 @@ class TuneReport:
     interrupted: bool = False
 
     def table(self) -> str:
-        head = ("task", "kernel", "kind", "shape", "calls", "default", "tuned", "trials", "new")
+        head = (
+            "task",
+            "kernel",
+            "kind",
+            "shapes",
+            "calls",
+            "default",
+            "tuned",
+            "trials",
+            "new",
+            "",
+        )
         lines = [head]
         for r in self.rows:
             lines.append(
@@ -432,13 +443,16 @@ class TuneReport:
                     r.shape,
                     str(r.calls),
                     _us(r.default_s),
-                    _us(r.tuned_s) + (f" ({r.note})" if r.note else ""),
+                    _us(r.tuned_s),
                     str(r.trials),
                     str(r.new_trials),
+                    r.note,
                 )
             )
         widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-        return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines)
+        return "\n".join(
+            "  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines
+        )
 
 
 def _us(seconds: float | None) -> str:
@@ -575,7 +589,8 @@ def tune(
         finally:
             db.save()
             _restore_sigint(previous)
-    report_rows = sorted(rows.values(), key=lambda r: r.name)
+    order = {"space": 0, "generic": 1, "fixed": 2}
+    report_rows = sorted(rows.values(), key=lambda r: (order[r.kind], -(r.default_s or 0), r.name))
     return TuneReport(
         db.path, report_rows, time.perf_counter() - start, state["complete"], state["interrupted"]
     )
@@ -620,7 +635,7 @@ def _rounds(
             row = _row(task, db)
             rows[task.name] = row
             if task.kind == "generic" and task.flops * task.calls < SMALL_TASK * total_flops:
-                row.note = "default: under 1 % of the model's FLOPs"
+                row.note = "not tuned: under 1 % of the model's FLOPs"
                 continue
             todo.append((task, row))
         if on_phase:
@@ -629,7 +644,7 @@ def _rounds(
             runner = make_runner(task, db, rpc, timeout)
             _measure_default(task, row, tgt, db, builder, runner)
             if task.kind == "fixed":
-                row.note = "fixed schedule (no design space)"
+                row.note = "not tuned: hand-scheduled, no design space yet"
                 continue
             if not tune_task(task, row, tgt, db, builder, runner, trials, deadline, seed, progress):
                 state["complete"] = False
