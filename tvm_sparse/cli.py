@@ -260,7 +260,8 @@ def _add_target_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--target",
         default="host",
-        help="'host' (this CPU, all cores; default) or an LLVM CPU name, e.g. znver4",
+        help="'host' (this CPU, all cores; default), an LLVM CPU name (e.g. znver4), or a "
+        'TVM target as JSON, e.g. \'{"kind": "llvm", "mcpu": "znver4", "num-cores": 8}\'',
     )
     p.add_argument(
         "--shape",

@@ -30,8 +30,10 @@ def resolve_target(target: str | dict | tvm.target.Target = "host") -> tvm.targe
     Parameters
     ----------
     target
-        ``"host"`` detects this CPU and uses all its cores; any other string is taken as an
-        LLVM CPU name (``"skylake-avx512"``); a dict is passed to :class:`tvm.target.Target`.
+        ``"host"`` detects this CPU and uses all its cores; a string starting with ``{`` is a
+        JSON target dict (``'{"kind": "llvm", "mcpu": "znver4", "num-cores": 8}'``, e.g. for
+        a device tuned over RPC); any other string is an LLVM CPU name
+        (``"skylake-avx512"``); a dict is passed to :class:`tvm.target.Target`.
 
     Returns
     -------
@@ -39,6 +41,13 @@ def resolve_target(target: str | dict | tvm.target.Target = "host") -> tvm.targe
     """
     if isinstance(target, tvm.target.Target):
         return target
+    if isinstance(target, str) and target.lstrip().startswith("{"):  # a dict from the CLI
+        import json
+
+        try:
+            target = json.loads(target)
+        except ValueError as err:
+            raise TvmSparseError(f"target: {target!r} is not a valid JSON dict ({err})") from None
     if isinstance(target, dict):
         return tvm.target.Target(target)
     if not isinstance(target, str) or not target:
