@@ -133,3 +133,15 @@ def test_column_tile_fits_the_register_budget():
             assert p % tile == 0
             assert variant.rows * tile * 4 <= bsr_matmul.ACCUMULATOR_BYTES
             assert p % bsr_matmul.row_tile(p) == 0
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
+@pytest.mark.parametrize("sample", [1, 2, 3])
+def test_random_space_samples(variant, sample):
+    """Schedules sampled from the variant's tuning space compute the same result."""
+    w = prune_out_in(
+        np.random.default_rng(sample).standard_normal((64, 48)).astype(np.float32),
+        0.7,
+        (variant.rows, variant.cols),
+    )
+    check(variant, w, p=1 if variant.gemv else 64, relu=bool(sample % 2), sample=sample)
