@@ -32,6 +32,7 @@ from tvm_sparse.schedules.bsr_matmul_space import BsrMatmul, FixedArguments, bui
 N = K = 1024
 M = 64  # activation columns (wx) / rows (xw)
 SPARSITY = 0.9
+ROUNDS = 40  # alternating samples per timer (each >= 20 ms)
 CASES = {  # name: variant; the MatMul layer's K-major kernel, the row-major one, batch-1
     "wx_4x1": Variant(4, 1, "wx"),
     "wx_16x1": Variant(16, 1, "wx"),
@@ -129,7 +130,7 @@ def time_cases(db_dir: str, names: list[str]) -> None:
 
     tgt, dev = target(), tvm.cpu()
     dense = _dense_timer(tgt, dev)
-    print("times: min (median) of 15 alternating samples, dense timed beside each kernel")
+    print(f"times: min (median) of {ROUNDS} alternating samples, dense timed beside each kernel")
     print("| kernel | dense (us) | default (us) | tuned (us) | tuned/default | ideal | of ideal |")
     print("|---|---|---|---|---|---|---|")
     for name in names:
@@ -155,7 +156,7 @@ def time_cases(db_dir: str, names: list[str]) -> None:
         np.testing.assert_allclose(
             outs["tuned"].numpy(), outs["default"].numpy(), rtol=1e-5, atol=1e-4
         )
-        t = _side_by_side(timers, 15)
+        t = _side_by_side(timers, ROUNDS)
         ideal = bsr.total_blocks / bsr.nnzb
         of_ideal = t["dense"][0] / t["tuned"][0] / ideal if CASES[name].form != "gemv" else None
         cells = [
