@@ -46,6 +46,22 @@ def test_families_are_registered_and_found():
     assert spaces.space_for(tvm.tirx.PrimFunc([], tvm.tirx.Evaluate(0))) is None
 
 
+def test_schedule_phase_schedules_the_kernel():
+    """The default rule runs in the schedule phase: the kernel leaves it scheduled."""
+    from tvm_sparse.passes import optimize
+    from tvm_sparse.selection import _bsr_module
+
+    w = prune_out_in(np.random.default_rng(0).standard_normal((64, 32)), 0.8, (4, 1))
+    mod = optimize(_bsr_module(MatmulLayer("fc", "wx", w.astype(np.float32), 32), FORMS[0]), TARGET)
+    kernels = [
+        f
+        for _, f in mod.functions_items()
+        if isinstance(f, tvm.tirx.PrimFunc) and "tvm_sparse.kernel" in f.attrs
+    ]
+    assert len(kernels) == 1 and "tirx.is_scheduled" in kernels[0].attrs
+    assert "T.parallel" in kernels[0].script() and "T.vectorized" in kernels[0].script()
+
+
 def test_unscheduled_kernels_are_not_marked_scheduled():
     for variant in FORMS:
         _, _, func = _kernel(variant)
@@ -151,7 +167,8 @@ def test_repruned_layers_give_structurally_equal_kernels(variant, columns, form)
 
 def test_metaschedule_tunes_with_real_bsr_arrays(tmp_path):
     """16 trials of the "bsr_wx" space, the runner fed the layer's BSR arrays: the records
-    build, and the best one computes the right result on the unscheduled workload."""
+    build, the best one computes the right result on the unscheduled workload, and a layer
+    re-pruned at the same sparsity (other pattern) finds that record in a Relax module."""
     from tvm.s_tir import meta_schedule as ms
 
     variant = Variant(4, 1, "wx")
@@ -183,6 +200,28 @@ def test_metaschedule_tunes_with_real_bsr_arrays(tmp_path):
     out = tvm.runtime.tensor(np.full((256, 64), np.nan, np.float32))
     lib(*[tvm.runtime.tensor(a) for a in (x, data, indices, indptr, bias)], out)
     assert_close(out.numpy(), reference(w, x, bias), what="tuned bsr_wx_4x1")
+    _check_record_reused(db, variant)
+
+
+def _check_record_reused(db, variant: Variant) -> None:
+    """A re-pruned weight (other seed, same sparsity) in a Relax module: the schedule phase
+    finds the tuned record (no new task), and the module computes the right result."""
+    from tvm import relax
+
+    from tvm_sparse.passes import lowering_pipeline, optimize
+    from tvm_sparse.selection import _bsr_module
+
+    w = np.random.default_rng(7).standard_normal((256, 256)).astype(np.float32)
+    w = prune_out_in(w, 0.9, (variant.rows, variant.cols))
+    mod = _bsr_module(MatmulLayer("fc", "wx", w, 64), variant)
+    with TARGET, db:
+        applied = relax.transform.MetaScheduleApplyDatabase(enable_warning=True)(mod)
+    (kernel,) = [f for _, f in applied.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert "tirx.is_scheduled" in kernel.attrs, "the tuned record was not found"
+    ex = relax.build(optimize(applied, TARGET), TARGET, relax_pipeline=lowering_pipeline(TARGET))
+    x = np.random.default_rng(8).standard_normal((256, 64)).astype(np.float32)
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    assert_close(got, reference(w, x), what="re-pruned layer with the tuned record")
 
 
 def test_fixed_arguments_check_shapes():
