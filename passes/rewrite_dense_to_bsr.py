@@ -21,17 +21,16 @@ from .collect_sparse_layers import MatmulLayer, collect_layers, matmul_form, wei
 LANES = 16  # fp32 lanes of an AVX-512 register
 
 
-def _call(bb, func, layer, bsr, data, bias, operand, out_shape) -> relax.Var:
-    func = func.with_attr("tvm_sparse.layer_key", layer.key)
-    gv = bb.add_func(func, f"{func.attrs['tvm_sparse.kernel']}_{layer.key.split(':')[1][:8]}")
-    indices = bsr.indices if bsr.nnzb else np.zeros(1, np.int32)
-    if not bsr.nnzb:  # kernels take at least one (never read) block
-        data = np.zeros((1,) + data.shape[1:], np.float32)
+def _call(bb, func, arrays, bias, operand, out_shape) -> relax.Var:
+    # No layer-specific attribute or name: BlockBuilder.add_func reuses a structurally equal
+    # PrimFunc, so layers of equal shapes (and nnz bucket) share one kernel and tuning task.
+    gv = bb.add_func(func, str(func.attrs[bsr_matmul.KERNEL_ATTR]))
+    data, indices, indptr = arrays
     args = [
         bb.emit(operand) if not isinstance(operand, relax.Var) else operand,
         relax.const(data),
         relax.const(indices, "int32"),
-        relax.const(bsr.indptr, "int32"),
+        relax.const(indptr, "int32"),
         relax.const(bias, "float32"),
     ]
     return bb.emit(relax.call_tir(gv, args, relax.TensorType(out_shape, "float32")))
@@ -47,20 +46,22 @@ def emit_bsr(
     bias = layer.bias if layer.bias is not None else np.zeros(n, np.float32)
     p = layer.columns
     if variant.form == "xw":  # row-major X and Y: no transposes
-        func = bsr_matmul.bsr_xw(p, n, k, variant, bsr.nnzb, relu=layer.relu)
-        return _call(bb, func, layer, bsr, bsr_matmul.pack(bsr, variant), bias, x, [p, n])
+        arrays = bsr_matmul.kernel_arrays(bsr, variant)
+        func = bsr_matmul.bsr_xw(p, n, k, variant, len(arrays[1]), relu=layer.relu)
+        return _call(bb, func, arrays, bias, x, [p, n])
     if p == 1:
         gemv = bsr_matmul.Variant(variant.rows, variant.cols, "gemv")  # same blocks, P = 1
-        func = bsr_matmul.bsr_gemv(n, k, gemv, bsr.nnzb, relu=layer.relu)
-        data = bsr_matmul.pack(bsr, gemv)
-        y = _call(bb, func, layer, bsr, data, bias, relax.op.reshape(x, [k]), [n])
+        arrays = bsr_matmul.kernel_arrays(bsr, gemv)
+        func = bsr_matmul.bsr_gemv(n, k, gemv, len(arrays[1]), relu=layer.relu)
+        y = _call(bb, func, arrays, bias, relax.op.reshape(x, [k]), [n])
         return relax.op.reshape(y, [n, 1] if layer.form == "wx" else [1, n])
     operand = x if layer.form == "wx" else bb.emit(relax.op.permute_dims(x))
     padded = -(-p // LANES) * LANES if p > LANES else p
     if padded != p:  # whole vectors per tile; the extra columns are sliced off below
         operand = relax.op.nn.pad(operand, [0, 0, 0, padded - p])
-    func = bsr_matmul.bsr_wx(n, k, padded, variant, bsr.nnzb, relu=layer.relu)
-    y = _call(bb, func, layer, bsr, bsr_matmul.pack(bsr, variant), bias, operand, [n, padded])
+    arrays = bsr_matmul.kernel_arrays(bsr, variant)
+    func = bsr_matmul.bsr_wx(n, k, padded, variant, len(arrays[1]), relu=layer.relu)
+    y = _call(bb, func, arrays, bias, operand, [n, padded])
     if padded != p:
         y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[p]))
     return y if layer.form == "wx" else relax.op.permute_dims(y)

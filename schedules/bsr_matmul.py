@@ -1,4 +1,4 @@
-"""Block-sparse matmul kernels: Y[N, P] = W[N, K] . X[K, P] with W in BSR, hand-scheduled.
+"""Block-sparse matmul kernels: Y[N, P] = W[N, K] . X[K, P] with W in BSR, as unscheduled TIR.
 
 W is the layer weight in the [out, in] view (see tvm_sparse.sparsity); X is the activation with
 the reduction dim first ("K-major"), which is what makes the inner loop a broadcast-FMA over
@@ -7,7 +7,9 @@ P/16 vector loads of X. Pointwise NCHW convs are natively in this form ([C, H*W]
 get there through transposes. P = 1 (batch-1 FC, recurrent GEMV) vectorises over the block rows
 instead, with block data stored [nnzb, C, R].
 
-Every variant is a row of `VARIANTS`; dispatch, tests and benchmarks iterate that table.
+Every variant is a row of `VARIANTS`; dispatch, tests and benchmarks iterate that table. The
+kernels here are plain loops and blocks; their schedules (defaults and tuning spaces) are in
+`bsr_matmul_space`.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
-from tvm_sparse._compat import ATTR_NOALIAS, ATTR_SCHEDULED
-from tvm_sparse.formats import BSR
+from tvm_sparse._compat import ATTR_NOALIAS
+from tvm_sparse.formats import BSR, bucket
 
 ACCUMULATOR_BYTES = 1024  # "global" scratch under this size is promoted to registers
 
@@ -69,14 +71,26 @@ def pack(bsr: BSR, variant: Variant) -> np.ndarray:
     return np.ascontiguousarray(data, dtype=np.float32)
 
 
+def kernel_arrays(bsr: BSR, variant: Variant) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(data, indices, indptr) as the kernels take them: stored blocks padded to the nnz bucket
+    (`tvm_sparse.formats.bucket`, so the kernel's shapes do not depend on the pattern) and
+    data packed for the variant. The kernel's `nnzb` argument is ``len(indices)``."""
+    padded = bucket(bsr)
+    return pack(padded, variant), padded.indices.astype(np.int32), padded.indptr.astype(np.int32)
+
+
 def _attrs(func: tirx.PrimFunc, variant: Variant) -> tirx.PrimFunc:
-    # TVMScript names the function "kernel"; module-level names come from bb.add_func.
+    # TVMScript names the function "kernel"; module-level names come from bb.add_func. No
+    # ATTR_SCHEDULED: the schedule phase applies a tuning record or the default schedule
+    # (`bsr_matmul_space`). Only the variant name is attached, so equal shapes share a task.
     func = func.without_attr("global_symbol")
     return func.with_attrs(
-        {ATTR_NOALIAS: True, ATTR_SCHEDULED: True, "tvm_sparse.kernel": variant.name}
+        {ATTR_NOALIAS: True, KERNEL_ATTR: variant.name, "op_pattern": OPAQUE_PATTERN}
     )
 
 
+KERNEL_ATTR = "tvm_sparse.kernel"
+OPAQUE_PATTERN = 8  # relax OpPatternKind kOpaque: FuseOps never merges other ops into it
 FLOAT_MIN = -3.4028234663852886e38
 
 
@@ -85,20 +99,24 @@ def bsr_wx(
 ) -> tirx.PrimFunc:
     """Y[N, P] = max(W . X + bias[N, None], floor), W in BSR; N and K padded to the block.
 
+    Unscheduled: one "row" block per block row (its index is a block variable, so the
+    indptr-driven loop inside stays splittable), an "update" reduction over the row's stored
+    blocks into an [R, P] accumulator, and the "out" epilogue. `bsr_matmul_space` tiles it.
+
     Parameters
     ----------
     n, k, p
         Padded output rows, padded reduction length, columns of X.
     variant
-        Block shape (``variant.gemv`` False).
+        Block shape (``variant.form == "wx"``).
     nnzb
-        Number of stored blocks (a buffer size; the pattern itself is runtime data).
+        Number of stored blocks (a buffer size; the pattern itself is runtime data; see
+        `tvm_sparse.formats.bucket`).
     relu
         Clamp at 0 (fused ReLU); otherwise no clamp.
     """
     r, c = variant.rows, variant.cols
-    nb, pv = n // r, column_tile(r, p)
-    nnzb_ = max(nnzb, 1)
+    nb, nnzb_ = n // r, max(nnzb, 1)
     floor = 0.0 if relu else FLOAT_MIN
 
     @T.prim_func(s_tir=True)
@@ -110,35 +128,34 @@ def bsr_wx(
         bias: T.Buffer((n,), "float32"),
         Y: T.Buffer((n, p), "float32"),
     ):
-        for br in T.parallel(nb):
-            for p0 in range(p // pv):
-                with T.sblock("tile"):
-                    vb, vp = T.axis.remap("SS", [br, p0])
-                    T.reads(
-                        X[0:k, vp * pv : vp * pv + pv],
-                        data[0:nnzb_, 0:r, 0:c],
-                        indices[0:nnzb_],
-                        indptr[vb : vb + 2],
-                        bias[vb * r : vb * r + r],
-                    )
-                    T.writes(Y[vb * r : vb * r + r, vp * pv : vp * pv + pv])
-                    acc = T.sblock_alloc_buffer((r, pv), "float32", scope="global")
-                    for i in T.unroll(r):
-                        for j in T.vectorized(pv):
-                            acc[i, j] = T.float32(0)
+        for br in range(nb):
+            with T.sblock("row"):
+                vb = T.axis.spatial(nb, br)
+                T.reads(
+                    X[0:k, 0:p],
+                    data[0:nnzb_, 0:r, 0:c],
+                    indices[0:nnzb_],
+                    indptr[vb : vb + 2],
+                    bias[vb * r : vb * r + r],
+                )
+                T.writes(Y[vb * r : vb * r + r, 0:p])
+                acc = T.sblock_alloc_buffer((r, p), "float32")
+                for i, j in T.grid(r, p):
                     for blk in range(indptr[vb], indptr[vb + 1]):
                         for kk in range(c):
-                            for i in T.unroll(r):
-                                for j in T.vectorized(pv):
-                                    acc[i, j] = (
-                                        acc[i, j]
-                                        + data[blk, i, kk] * X[indices[blk] * c + kk, vp * pv + j]
-                                    )
-                    for i in T.unroll(r):
-                        for j in T.vectorized(pv):
-                            Y[vb * r + i, vp * pv + j] = T.max(
-                                acc[i, j] + bias[vb * r + i], T.float32(floor)
-                            )
+                            with T.sblock("update"):
+                                vi, vj, vblk, vk = T.axis.remap("SSRR", [i, j, blk, kk])
+                                with T.init():
+                                    acc[vi, vj] = T.float32(0)
+                                acc[vi, vj] = (
+                                    acc[vi, vj] + data[vblk, vi, vk] * X[indices[vblk] * c + vk, vj]
+                                )
+                for i, j in T.grid(r, p):
+                    with T.sblock("out"):
+                        vi, vj = T.axis.remap("SS", [i, j])
+                        Y[vb * r + vi, vj] = T.max(
+                            acc[vi, vj] + bias[vb * r + vi], T.float32(floor)
+                        )
 
     return _attrs(kernel, variant)
 
@@ -146,8 +163,9 @@ def bsr_wx(
 def bsr_gemv(n: int, k: int, variant: Variant, nnzb: int, relu: bool = False) -> tirx.PrimFunc:
     """y[N] = max(W . x + bias, floor) for one activation column; data stored [nnzb, C, R].
 
-    Vectorised over the R rows of a block (R >= 4), so one nonzero block costs C broadcasts of
-    x and C vector FMAs; R = 1 reduces each row with a scalar loop LLVM may reassociate.
+    Scheduled vectorised over the R rows of a block (R >= 4), so one nonzero block costs C
+    broadcasts of x and C vector FMAs; R = 1 reduces each row with a scalar loop LLVM may
+    reassociate. Unscheduled like `bsr_wx`.
     """
     r, c = variant.rows, variant.cols
     nb, nnzb_ = n // r, max(nnzb, 1)
@@ -162,7 +180,7 @@ def bsr_gemv(n: int, k: int, variant: Variant, nnzb: int, relu: bool = False) ->
         bias: T.Buffer((n,), "float32"),
         y: T.Buffer((n,), "float32"),
     ):
-        for br in T.parallel(nb):
+        for br in range(nb):
             with T.sblock("row"):
                 vb = T.axis.spatial(nb, br)
                 T.reads(
@@ -173,15 +191,19 @@ def bsr_gemv(n: int, k: int, variant: Variant, nnzb: int, relu: bool = False) ->
                     bias[vb * r : vb * r + r],
                 )
                 T.writes(y[vb * r : vb * r + r])
-                acc = T.sblock_alloc_buffer((r,), "float32", scope="global")
-                for i in T.vectorized(r):
-                    acc[i] = T.float32(0)
-                for blk in range(indptr[vb], indptr[vb + 1]):
-                    for kk in range(c):
-                        for i in T.vectorized(r):
-                            acc[i] = acc[i] + data[blk, kk, i] * x[indices[blk] * c + kk]
-                for i in T.vectorized(r):
-                    y[vb * r + i] = T.max(acc[i] + bias[vb * r + i], T.float32(floor))
+                acc = T.sblock_alloc_buffer((r,), "float32")
+                for i in range(r):
+                    for blk in range(indptr[vb], indptr[vb + 1]):
+                        for kk in range(c):
+                            with T.sblock("update"):
+                                vi, vblk, vk = T.axis.remap("SRR", [i, blk, kk])
+                                with T.init():
+                                    acc[vi] = T.float32(0)
+                                acc[vi] = acc[vi] + data[vblk, vk, vi] * x[indices[vblk] * c + vk]
+                for i in range(r):
+                    with T.sblock("out"):
+                        vi = T.axis.spatial(r, i)
+                        y[vb * r + vi] = T.max(acc[vi] + bias[vb * r + vi], T.float32(floor))
 
     return _attrs(kernel, variant)
 
@@ -199,11 +221,12 @@ def bsr_xw(
 ) -> tirx.PrimFunc:
     """Y[M, N] = max(X . W^T + bias[N], floor) for row-major X [M, K]; data stored [nnzb, C, R].
 
-    Per stored block and reduction element: one vector load of the block column (R outputs)
-    and one broadcast of X per row of the tile, so no transpose of X or Y is needed.
+    Scheduled per stored block and reduction element: one vector load of the block column (R
+    outputs) and one broadcast of X per row of an M tile, so no transpose of X or Y is needed.
+    Unscheduled like `bsr_wx`.
     """
     r, c = variant.rows, variant.cols
-    nb, nnzb_, mt = n // r, max(nnzb, 1), row_tile(m)
+    nb, nnzb_ = n // r, max(nnzb, 1)
     floor = 0.0 if relu else FLOAT_MIN
 
     @T.prim_func(s_tir=True)
@@ -215,35 +238,34 @@ def bsr_xw(
         bias: T.Buffer((n,), "float32"),
         Y: T.Buffer((m, n), "float32"),
     ):
-        for br in T.parallel(nb):
-            for m0 in range(m // mt):
-                with T.sblock("tile"):
-                    vb, vm = T.axis.remap("SS", [br, m0])
-                    T.reads(
-                        X[vm * mt : vm * mt + mt, 0:k],
-                        data[0:nnzb_, 0:c, 0:r],
-                        indices[0:nnzb_],
-                        indptr[vb : vb + 2],
-                        bias[vb * r : vb * r + r],
-                    )
-                    T.writes(Y[vm * mt : vm * mt + mt, vb * r : vb * r + r])
-                    acc = T.sblock_alloc_buffer((mt, r), "float32", scope="global")
-                    for mi in T.unroll(mt):
-                        for i in T.vectorized(r):
-                            acc[mi, i] = T.float32(0)
+        for br in range(nb):
+            with T.sblock("row"):
+                vb = T.axis.spatial(nb, br)
+                T.reads(
+                    X[0:m, 0:k],
+                    data[0:nnzb_, 0:c, 0:r],
+                    indices[0:nnzb_],
+                    indptr[vb : vb + 2],
+                    bias[vb * r : vb * r + r],
+                )
+                T.writes(Y[0:m, vb * r : vb * r + r])
+                acc = T.sblock_alloc_buffer((m, r), "float32")
+                for mi, i in T.grid(m, r):
                     for blk in range(indptr[vb], indptr[vb + 1]):
                         for kk in range(c):
-                            for mi in T.unroll(mt):
-                                for i in T.vectorized(r):
-                                    acc[mi, i] = (
-                                        acc[mi, i]
-                                        + X[vm * mt + mi, indices[blk] * c + kk] * data[blk, kk, i]
-                                    )
-                    for mi in T.unroll(mt):
-                        for i in T.vectorized(r):
-                            Y[vm * mt + mi, vb * r + i] = T.max(
-                                acc[mi, i] + bias[vb * r + i], T.float32(floor)
-                            )
+                            with T.sblock("update"):
+                                vm, vi, vblk, vk = T.axis.remap("SSRR", [mi, i, blk, kk])
+                                with T.init():
+                                    acc[vm, vi] = T.float32(0)
+                                acc[vm, vi] = (
+                                    acc[vm, vi] + X[vm, indices[vblk] * c + vk] * data[vblk, vk, vi]
+                                )
+                for mi, i in T.grid(m, r):
+                    with T.sblock("out"):
+                        vm, vi = T.axis.remap("SS", [mi, i])
+                        Y[vm, vb * r + vi] = T.max(
+                            acc[vm, vi] + bias[vb * r + vi], T.float32(floor)
+                        )
 
     return _attrs(kernel, variant)
 

@@ -22,13 +22,24 @@ from tvm.target import Target
 
 def choose(sch: s_tir.Schedule, choices: Sequence[int], default: int, tune: bool) -> int:
     """One tunable decision: a uniform categorical sample over `choices` when tuning,
-    else `default` (which must be one of `choices`), recorded in the trace either way."""
+    else `default` (which must be one of `choices`), recorded in the trace either way.
+
+    The value returned is a Python int: a schedule that branches on it or passes it as a
+    constant freezes this sample into the trace, so the search's mutations and re-sampling
+    (which replay the trace with new decisions) cannot change it. Pass :func:`choose_rv`'s
+    random variable to split factors and annotations instead."""
+    return int(sch.get(choose_rv(sch, choices, default, tune)))
+
+
+def choose_rv(sch: s_tir.Schedule, choices: Sequence[int], default: int, tune: bool):
+    """:func:`choose` as the sampled random variable (an ``ExprRV``, usable as a split factor
+    or annotation value), so replaying the trace with another decision changes the schedule."""
     choices = [int(c) for c in choices]
     if default not in choices:
         raise ValueError(f"default {default} not among choices {choices}")
     probs = [1.0 / len(choices)] * len(choices)
     decision = None if tune else choices.index(default)
-    return int(sch.get(sch.sample_categorical(choices, probs, decision=decision)))
+    return sch.sample_categorical(choices, probs, decision=decision)
 
 
 @dataclass(frozen=True)
@@ -87,3 +98,4 @@ def schedule_fn(space: Space, target: Target):
 def _load_families() -> None:
     """Import the modules that register families (each registers at import)."""
     # Modules defining families are listed here as they gain design spaces.
+    from . import bsr_matmul_space  # noqa: F401

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tvm_sparse.examples import prune_out_in
-from tvm_sparse.formats import to_bsr, to_dense
+from tvm_sparse.formats import NNZ_BUCKETS, bucket, nnzb_bucket, to_bsr, to_dense
 
 
 @settings(max_examples=60, deadline=None)
@@ -40,3 +40,34 @@ def test_all_zero_and_dense():
 def test_rejects_non_matrix():
     with pytest.raises(ValueError, match="2-D"):
         to_bsr(np.zeros((2, 2, 2)), (1, 1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 64),
+    k=st.integers(1, 64),
+    block=st.sampled_from([(1, 1), (4, 1), (16, 1), (8, 8), (3, 5)]),
+    density=st.sampled_from([0.0, 0.1, 0.5, 1.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_bucket_pads_without_changing_the_matrix(n, k, block, density, seed):
+    w = prune_out_in(np.random.default_rng(seed).standard_normal((n, k)), 1.0 - density, block)
+    bsr = to_bsr(w.astype(np.float32), block)
+    padded = bucket(bsr)
+    np.testing.assert_array_equal(to_dense(padded), to_dense(bsr))
+    assert padded.nnzb == bsr.nnzb and padded.stored >= max(bsr.nnzb, 1)
+    assert padded.stored == nnzb_bucket(bsr.nnzb, bsr.total_blocks)
+    assert padded.stored - max(bsr.nnzb, 1) < max(1, -(-bsr.total_blocks // NNZ_BUCKETS))
+    assert not padded.data[bsr.nnzb :].any() and padded.indices.dtype == np.int32
+    assert np.array_equal(padded.indptr, bsr.indptr)  # no block row reaches the padding
+
+
+def test_bucket_is_independent_of_the_pattern():
+    """Two prunings at the same sparsity (nnzb 819 and 818 of 8192) store the same count."""
+    counts = []
+    for seed, drop in ((0, 0), (1, 1)):
+        w = prune_out_in(np.random.default_rng(seed).standard_normal((256, 128)), 0.9, (4, 1))
+        bsr = to_bsr(w.astype(np.float32), (4, 1))
+        counts.append((bsr.nnzb - drop, bucket(bsr).stored))
+        assert nnzb_bucket(bsr.nnzb - drop, bsr.total_blocks) == bucket(bsr).stored
+    assert counts[0][0] != counts[1][0] and counts[0][1] == counts[1][1]

@@ -5,6 +5,9 @@ from tvm.relax.frontend.onnx import onnx_frontend  # noqa: F401
 from tvm.s_tir import Schedule  # noqa: F401
 from tvm.script import tirx as T  # noqa: F401
 
+# 0.27 has only tvm.ir.assert_structural_equal; the hash and the boolean test moved to tvm_ffi.
+from tvm_ffi import structural_equal, structural_hash  # noqa: F401
+
 # Function attributes understood by TVM 0.27 (the pre-0.24 "tir.*" spellings are silently ignored).
 ATTR_NOALIAS = "tirx.noalias"
 ATTR_SCHEDULED = "tirx.is_scheduled"

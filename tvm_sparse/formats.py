@@ -2,6 +2,11 @@
 
 A block "RxC" covers R output rows and C reduction elements. Shapes that do not divide are
 padded with zero rows/columns; `n` and `k` record the logical size.
+
+Kernels take the stored block count as a buffer size, so it is part of their task key. To keep
+that key independent of where the nonzeros are, `bucket` pads the stored blocks up to the next
+multiple of 1/`NNZ_BUCKETS` of all blocks: two prunings of a weight at the same sparsity give
+the same buffer shapes (the padding blocks are zero and no block row points at them).
 """
 
 from __future__ import annotations
@@ -9,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+NNZ_BUCKETS = 64  # stored-block counts are rounded up to a multiple of total_blocks / this
 
 
 @dataclass(frozen=True)
@@ -24,7 +31,18 @@ class BSR:
 
     @property
     def nnzb(self) -> int:
+        """Blocks the block rows point at (the nonzero blocks)."""
+        return int(self.indptr[-1])
+
+    @property
+    def stored(self) -> int:
+        """Blocks held in `data` (`nnzb` plus any bucket padding)."""
         return int(self.indices.shape[0])
+
+    @property
+    def total_blocks(self) -> int:
+        rows, cols = self.padded_shape
+        return (rows // self.block[0]) * (cols // self.block[1])
 
     @property
     def padded_shape(self) -> tuple[int, int]:
@@ -34,8 +52,7 @@ class BSR:
     @property
     def density(self) -> float:
         """Fraction of blocks stored (what the kernel's work is proportional to)."""
-        rows, cols = self.padded_shape
-        total = (rows // self.block[0]) * (cols // self.block[1])
+        total = self.total_blocks
         return self.nnzb / total if total else 0.0
 
 
@@ -62,5 +79,24 @@ def to_dense(bsr: BSR) -> np.ndarray:
     rows, cols = bsr.padded_shape
     out = np.zeros((rows // r, cols // c, r, c), bsr.data.dtype)
     row_idx = np.repeat(np.arange(rows // r), np.diff(bsr.indptr))
-    out[row_idx, bsr.indices] = bsr.data
+    out[row_idx, bsr.indices[: bsr.nnzb]] = bsr.data[: bsr.nnzb]  # bucket padding ignored
     return out.transpose(0, 2, 1, 3).reshape(rows, cols)[: bsr.shape[0], : bsr.shape[1]]
+
+
+def nnzb_bucket(nnzb: int, total_blocks: int, buckets: int = NNZ_BUCKETS) -> int:
+    """The stored-block count for `nnzb` nonzero blocks out of `total_blocks`: rounded up to a
+    multiple of ceil(total_blocks / buckets), and at least 1 (kernels take a non-empty buffer)."""
+    step = max(1, -(-total_blocks // buckets))
+    return max(1, -(-nnzb // step) * step)
+
+
+def bucket(bsr: BSR, buckets: int = NNZ_BUCKETS) -> BSR:
+    """`bsr` with zero blocks (column index 0, outside every block row) appended up to its
+    `nnzb_bucket`; the matrix it represents is unchanged."""
+    stored = nnzb_bucket(bsr.nnzb, bsr.total_blocks, buckets)
+    extra = stored - bsr.stored
+    if extra <= 0:
+        return bsr
+    data = np.concatenate([bsr.data, np.zeros((extra,) + bsr.data.shape[1:], bsr.data.dtype)])
+    indices = np.concatenate([bsr.indices, np.zeros(extra, np.int32)])
+    return BSR(data, indices, bsr.indptr, bsr.block, bsr.shape)

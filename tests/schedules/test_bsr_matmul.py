@@ -14,6 +14,8 @@ import tvm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import TOLERANCE
+from tvm_sparse._compat import s_tir
 from tvm_sparse.examples import prune_out_in
 from tvm_sparse.formats import to_bsr
 from tvm_sparse.schedules import bsr_matmul
@@ -23,25 +25,39 @@ from tvm_sparse.schedules.bsr_matmul import (
     bsr_gemv,
     bsr_wx,
     bsr_xw,
-    pack,
+    kernel_arrays,
     reference,
 )
+from tvm_sparse.schedules.bsr_matmul_space import FAMILIES, BsrMatmul
 
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "znver5", "num-cores": 2})
 
 
-@functools.cache
-def build(variant: Variant, n: int, k: int, p: int, nnzb: int, relu: bool):
+def kernel(variant: Variant, n: int, k: int, p: int, stored: int, relu: bool):
+    """The unscheduled kernel of `variant` for padded [n, k] weights and p columns."""
     if variant.gemv:
-        func = bsr_gemv(n, k, variant, nnzb, relu=relu)
-    elif variant.form == "xw":
-        func = bsr_xw(p, n, k, variant, nnzb, relu=relu)
+        return bsr_gemv(n, k, variant, stored, relu=relu)
+    if variant.form == "xw":
+        return bsr_xw(p, n, k, variant, stored, relu=relu)
+    return bsr_wx(n, k, p, variant, stored, relu=relu)
+
+
+@functools.cache
+def build(variant: Variant, n: int, k: int, p: int, stored: int, relu: bool, sample: int = -1):
+    """Built with the default schedule (the dlight rule), or with the family's random sample
+    number `sample` (its seed) of the tuning space."""
+    func = kernel(variant, n, k, p, stored, relu)
+    if sample < 0:
+        sch = BsrMatmul().apply(func, TARGET, False)
     else:
-        func = bsr_wx(n, k, p, variant, nnzb, relu=relu)
-    return tvm.compile(func.with_attr("global_symbol", "main"), target=TARGET)
+        sch = s_tir.Schedule(func, seed=sample)
+        assert FAMILIES[variant.form].apply(sch, TARGET, True)
+    return tvm.compile(sch.mod["main"].with_attr("global_symbol", "main"), target=TARGET)
 
 
-def check(variant: Variant, w: np.ndarray, p: int, relu: bool, seed: int = 0) -> None:
+def check(
+    variant: Variant, w: np.ndarray, p: int, relu: bool, seed: int = 0, sample: int = -1
+) -> None:
     rng = np.random.default_rng(seed)
     n, k = w.shape
     bsr = to_bsr(w, (variant.rows, variant.cols))
@@ -49,24 +65,22 @@ def check(variant: Variant, w: np.ndarray, p: int, relu: bool, seed: int = 0) ->
     x = rng.standard_normal((kpad, p) if not variant.gemv else (kpad,)).astype(np.float32)
     x[k:] = 0  # the padded reduction rows multiply zero weights
     bias = rng.standard_normal(npad).astype(np.float32)
-    data, indices = pack(bsr, variant), bsr.indices
-    if bsr.nnzb == 0:  # kernels take at least one (unused) block
-        data = np.zeros((1,) + data.shape[1:], np.float32)
-        indices = np.zeros(1, np.int32)
+    data, indices, indptr = kernel_arrays(bsr, variant)
     row_major = variant.form == "xw"  # X [M, K] and Y [M, N]: the transposed problem
     operand = np.ascontiguousarray(x.T) if row_major else x
     shape = (p, npad) if row_major else ((npad, p) if not variant.gemv else (npad,))
     out = tvm.runtime.tensor(np.full(shape, np.nan, np.float32))
-    lib = build(variant, npad, kpad, p, bsr.nnzb, relu)
-    lib(*[tvm.runtime.tensor(a) for a in (operand, data, indices, bsr.indptr, bias)], out)
+    lib = build(variant, npad, kpad, p, len(indices), relu, sample)
+    lib(*[tvm.runtime.tensor(a) for a in (operand, data, indices, indptr, bias)], out)
     wpad = np.zeros((npad, kpad), np.float32)
     wpad[:n, :k] = w
     ref = reference(wpad, x, bias, relu)
     ref = ref.T if row_major else ref
     got = out.numpy()
-    bad = np.argwhere(~np.isclose(got, ref, rtol=1e-5, atol=1e-5))
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    bad = np.argwhere(~np.isclose(got, ref, **TOLERANCE["float32"]))
     assert not bad.size, (
-        f"{variant.name} {n}x{k}x{p}: {len(bad)} wrong, first at {tuple(bad[0])} "
+        f"{variant.name} {n}x{k}x{p} (sample {sample}): {len(bad)} wrong, first at {tuple(bad[0])} "
         f"(block row {bad[0][-1 if row_major else 0] // variant.rows}): got {got[tuple(bad[0])]}, "
         f"want {ref[tuple(bad[0])]}"
     )
@@ -119,3 +133,15 @@ def test_column_tile_fits_the_register_budget():
             assert p % tile == 0
             assert variant.rows * tile * 4 <= bsr_matmul.ACCUMULATOR_BYTES
             assert p % bsr_matmul.row_tile(p) == 0
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
+@pytest.mark.parametrize("sample", [1, 2, 3])
+def test_random_space_samples(variant, sample):
+    """Schedules sampled from the variant's tuning space compute the same result."""
+    w = prune_out_in(
+        np.random.default_rng(sample).standard_normal((64, 48)).astype(np.float32),
+        0.7,
+        (variant.rows, variant.cols),
+    )
+    check(variant, w, p=1 if variant.gemv else 64, relu=bool(sample % 2), sample=sample)
