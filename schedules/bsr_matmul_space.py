@@ -14,14 +14,11 @@ factor or an annotation, so the search's re-sampling and mutations change the sc
 
 The indptr-driven loop over a row's stored blocks is data dependent: the postprocs leave out
 MetaSchedule's ``DisallowDynamicLoop`` (see NOTES-tvm.md) and the runner needs the real BSR
-arrays (`FixedArguments`).
+arrays (`tvm_sparse.tuning.RealArguments`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import numpy as np
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
@@ -177,53 +174,3 @@ class BsrMatmul(dl.ScheduleRule):
             return None
         sch = s_tir.Schedule(func)
         return sch if FAMILIES[form].apply(sch, target, False) else None
-
-
-class FixedArguments:
-    """A MetaSchedule runner ``f_alloc_argument`` that passes given arrays.
-
-    ``LocalRunner(f_alloc_argument=FixedArguments([x, data, indices, indptr, bias, None]))``:
-    entry i fills the kernel's i-th argument (a copy per repeat); None entries (activations,
-    outputs) get seeded random data. Real BSR arrays keep the indptr-driven loops in bounds and
-    time the real pattern.
-    """
-
-    def __init__(self, arrays: Sequence[np.ndarray | None], seed: int = 0):
-        self.arrays = [None if a is None else np.ascontiguousarray(a) for a in arrays]
-        self.seed = seed
-
-    def __call__(self, device, args_info, alloc_repeat: int) -> list[list]:
-        import tvm
-
-        if len(args_info) != len(self.arrays):
-            raise ValueError(f"{len(args_info)} kernel arguments, {len(self.arrays)} arrays given")
-        rng = np.random.default_rng(self.seed)
-        repeated = []
-        for _ in range(alloc_repeat):
-            args = []
-            for (_, dtype, shape), array in zip(args_info, self.arrays, strict=True):
-                if array is None:
-                    array = rng.standard_normal(shape).astype(dtype)
-                elif list(array.shape) != list(shape) or str(array.dtype) != dtype:
-                    raise ValueError(
-                        f"argument {len(args)}: kernel wants {dtype}{list(shape)}, "
-                        f"got {array.dtype}{list(array.shape)}"
-                    )
-                args.append(tvm.runtime.tensor(array, device))
-            repeated.append(args)
-        return repeated
-
-
-def build_kernel(mod, target: Target, params=None):
-    """A MetaSchedule builder ``f_build`` for kernels that use no tensor intrinsics.
-
-    MetaSchedule's default imports ``tvm.s_tir.tensor_intrin`` (parsing every GPU intrinsic)
-    in each fresh builder process, and LocalBuilder starts fresh processes for every batch:
-    measured 20-25 s per batch on this machine, longer than the builder's 30 s timeout under
-    load. Our sparse kernels need none of them: ``LocalBuilder(f_build=build_kernel)``.
-    """
-    from tvm.driver import build
-
-    if params:
-        raise ValueError("build_kernel: kernels take no bound parameters")
-    return build(mod, target=target)

@@ -27,7 +27,8 @@ from tvm_sparse.examples import prune_out_in
 from tvm_sparse.formats import to_bsr
 from tvm_sparse.schedules import spaces
 from tvm_sparse.schedules.bsr_matmul import Variant, bsr_gemv, bsr_wx, bsr_xw, kernel_arrays
-from tvm_sparse.schedules.bsr_matmul_space import BsrMatmul, FixedArguments, build_kernel
+from tvm_sparse.schedules.bsr_matmul_space import BsrMatmul
+from tvm_sparse.tuning import RealArguments, build_kernel
 
 N = K = 1024
 M = 64  # activation columns (wx) / rows (xw)
@@ -75,6 +76,7 @@ def tune(db_dir: str, names: list[str], trials: int) -> None:
     tgt = target()
     for name in names:
         func, arrays, _ = case(name)
+        constants = {i: a for i, a in enumerate(arrays) if a is not None}
         ms.tune_tir(
             func,
             tgt,
@@ -83,7 +85,7 @@ def tune(db_dir: str, names: list[str], trials: int) -> None:
             num_trials_per_iter=min(trials, 16),
             space=spaces.schedule_fn(spaces.space_for(func), tgt),
             builder=ms.builder.LocalBuilder(f_build=build_kernel),
-            runner=ms.runner.LocalRunner(f_alloc_argument=FixedArguments(arrays)),
+            runner=ms.runner.LocalRunner(f_alloc_argument=RealArguments(constants)),
             seed=0,
         )
         print(f"tuned {name}: {trials} trials", flush=True)

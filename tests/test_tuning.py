@@ -21,6 +21,7 @@ from tvm_sparse.target import resolve_target
 from tvm_sparse.tuning import (
     FAILED,
     DatabaseError,
+    RealArguments,
     RPCSettings,
     Task,
     TaskResult,
@@ -177,6 +178,15 @@ def test_failed_candidates_are_recorded_and_tuning_goes_on(tmp_path, meta, fault
         assert progress.failed == 0 and db.best_seconds(task) < 1e-3
 
 
+def test_real_arguments_check_shapes():
+    alloc = RealArguments({0: np.zeros(3, np.float32)})
+    info = [("TENSOR", "float32", [3]), ("TENSOR", "float32", [2, 2])]
+    (args,) = alloc(tvm.cpu(), info, 1)
+    assert args[0].numpy().tolist() == [0, 0, 0] and args[1].shape == (2, 2)
+    with pytest.raises(ValueError, match="argument 0"):
+        alloc(tvm.cpu(), [("TENSOR", "float32", [4]), info[1]], 1)
+
+
 def test_runner_gets_the_real_constant_arguments(tmp_path):
     task = _indexed_task([3, 5])
     db = open_database(tmp_path / "db", create=True)
@@ -297,3 +307,24 @@ def test_compile_with_database_reuses_the_stored_selection(tmp_path, monkeypatch
     assert kernels == [r.get("kernel") for r in second.report]
     x = np.random.default_rng(2).standard_normal((16, 64)).astype(np.float32)
     np.testing.assert_allclose(first.run({"x": x})[0], x @ pruned, rtol=1e-4, atol=1e-4)
+
+
+def test_re_pruned_model_reuses_the_records_with_zero_new_trials(tmp_path):
+    """Sparse kernels' task keys hold shapes, block shape and an nnz bucket, not the pattern:
+    the same layer pruned to the same sparsity from another weight needs no new trials."""
+    from tvm_sparse.examples import prune_weight
+
+    def pruned(seed):
+        model, w = _matmul_model(m=16, k=128, n=128, seed=seed)
+        w = prune_weight("MatMul", w, 0.9, (16, 1))  # the block shape the selection picks
+        model.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "w"))
+        return model, w
+
+    (first, w1), (second, w2) = pruned(1), pruned(2)
+    assert not np.array_equal(w1 != 0, w2 != 0)  # other pattern
+    options = dict(database=tmp_path / "db", trials=3, sparse="force", policy="threshold")
+    report = tune(first, **options)
+    tuned = [r for r in report.rows if r.kind == "space" and r.kernel.startswith("bsr_")]
+    assert tuned and tuned[0].new_trials == 3
+    again = tune(second, **options)
+    assert [r.new_trials for r in again.rows if r.kind == "space"] == [0] * len(tuned)

@@ -254,14 +254,21 @@ def _attr(func, name):
 
 
 class RealArguments:
-    """The runner's ``f_alloc_argument``: a task's constant arguments (its real BSR arrays)
-    loaded from an ``.npz`` file, random data for the other arguments (as MetaSchedule's
-    default does). Picklable, so it reaches the runner's worker process."""
+    """The runner's ``f_alloc_argument``: a task's constant arguments (its real BSR arrays,
+    which keep indptr-driven loops in bounds and time the real pattern), random data for the
+    other arguments (activations, outputs) as MetaSchedule's default does.
 
-    def __init__(self, path: str):
-        self.path = path
+    `source` is ``{argument index: array}`` or the path of an ``.npz`` file holding them (keys
+    are the indices; cheaper to send to the runner's worker process for large weights).
+    Picklable, so it reaches that process; works for the local and the RPC runner."""
+
+    def __init__(self, source: str | dict[int, np.ndarray]):
+        self.path = source if isinstance(source, str) else None
+        self.arrays = None if self.path else {int(i): np.asarray(a) for i, a in source.items()}
 
     def _arrays(self) -> dict[int, np.ndarray]:
+        if self.arrays is not None:
+            return self.arrays
         with np.load(self.path) as data:
             return {int(k): data[k] for k in data.files}
 
@@ -273,7 +280,13 @@ class RealArguments:
             for i, info in enumerate(args_info):
                 _, dtype, shape = info
                 if i in arrays:
-                    args.append(tvm.runtime.tensor(arrays[i], device))
+                    array = arrays[i]
+                    if list(array.shape) != list(shape) or str(array.dtype) != dtype:
+                        raise ValueError(
+                            f"argument {i}: kernel wants {dtype}{list(shape)}, "
+                            f"got {array.dtype}{list(array.shape)}"
+                        )
+                    args.append(tvm.runtime.tensor(np.ascontiguousarray(array), device))
                 else:
                     tensor = tvm.runtime.empty(shape=shape, dtype=dtype, device=device)
                     fill(tensor)
@@ -299,6 +312,18 @@ class RPCSettings:
     tracker_port: int
     key: str
     session_timeout_sec: float = 60.0
+
+
+def build_kernel(mod, target, params=None):
+    """The builder's ``f_build``: a plain build. MetaSchedule's default imports
+    ``tvm.s_tir.tensor_intrin`` (parsing every intrinsic of every target) in each fresh builder
+    process, and LocalBuilder starts fresh processes for every batch: 20-25 s per batch on
+    this machine. Our kernels use no tensor intrinsics."""
+    from tvm.driver import build
+
+    if params:
+        raise ValueError("build_kernel: kernels take no bound parameters")
+    return build(mod, target=target)
 
 
 def _evaluator():
@@ -554,7 +579,7 @@ def tune(
     db = open_database(database, create=True)
     rows: dict[str, TaskResult] = {}
     progress = _Progress(0, on_progress)
-    builder = ms.builder.LocalBuilder(max_workers=_cores())
+    builder = ms.builder.LocalBuilder(max_workers=_cores(), f_build=build_kernel)
     state = {"complete": True, "interrupted": False}
     sigint, previous = _catch_sigint()
     with using_database(db):

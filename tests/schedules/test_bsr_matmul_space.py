@@ -14,7 +14,8 @@ from tvm_sparse.formats import to_bsr
 from tvm_sparse.passes.collect_sparse_layers import MatmulLayer
 from tvm_sparse.schedules import bsr_matmul, spaces
 from tvm_sparse.schedules.bsr_matmul import Variant, bsr_wx, kernel_arrays, reference
-from tvm_sparse.schedules.bsr_matmul_space import FAMILIES, BsrMatmul, FixedArguments, build_kernel
+from tvm_sparse.schedules.bsr_matmul_space import FAMILIES, BsrMatmul
+from tvm_sparse.tuning import RealArguments, build_kernel
 
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "znver5", "num-cores": 2})
 
@@ -177,7 +178,7 @@ def test_metaschedule_tunes_with_real_bsr_arrays(tmp_path):
     x = rng.standard_normal((256, 64)).astype(np.float32)
     bias = rng.standard_normal(256).astype(np.float32)
     runner = ms.runner.LocalRunner(
-        f_alloc_argument=FixedArguments([x, data, indices, indptr, bias, None])
+        f_alloc_argument=RealArguments({0: x, 1: data, 2: indices, 3: indptr, 4: bias})
     )
     space = spaces.space_for(func)
     db = ms.tune_tir(
@@ -222,12 +223,3 @@ def _check_record_reused(db, variant: Variant) -> None:
     x = np.random.default_rng(8).standard_normal((256, 64)).astype(np.float32)
     got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
     assert_close(got, reference(w, x), what="re-pruned layer with the tuned record")
-
-
-def test_fixed_arguments_check_shapes():
-    alloc = FixedArguments([np.zeros(3, np.float32), None])
-    info = [("TENSOR", "float32", [3]), ("TENSOR", "float32", [2, 2])]
-    (args,) = alloc(tvm.cpu(), info, 1)
-    assert args[0].numpy().tolist() == [0, 0, 0] and args[1].shape == (2, 2)
-    with pytest.raises(ValueError, match="argument 0"):
-        alloc(tvm.cpu(), [("TENSOR", "float32", [4]), info[1]], 1)
