@@ -577,32 +577,25 @@ def tune(
     start = time.perf_counter()
     deadline = None if time_budget is None else start + float(time_budget)
     db = open_database(database, create=True)
+    from .compiler import _prepare
+    from .target import resolve_target
+
     rows: dict[str, TaskResult] = {}
     progress = _Progress(0, on_progress)
     builder = ms.builder.LocalBuilder(max_workers=_cores(), f_build=build_kernel)
+    options = dict(trials=trials, deadline=deadline, seed=seed, timeout=timeout, rpc=rpc)
     state = {"complete": True, "interrupted": False}
     sigint, previous = _catch_sigint()
     with using_database(db):
         try:
-            _rounds(
-                model,
-                target,
-                shapes,
-                sparse,
-                policy,
-                calibration,
-                trials,
-                deadline,
-                seed,
-                timeout,
-                rpc,
-                db,
-                builder,
-                rows,
-                progress,
-                state,
-                on_phase,
-            )
+
+            def prepare():  # the candidates are timed again, with the records so far
+                db.selection.pop(str(resolve_target(target)), None)
+                return _prepare(
+                    model, target, shapes, sparse, policy, calibration, on_phase=on_phase, db=db
+                )
+
+            _rounds(prepare, db, builder, rows, progress, state, on_phase, **options)
         except Exception as err:  # noqa: BLE001 - re-raised unless it is the interrupt
             # Ctrl-C inside MetaSchedule's C++ loop reaches us as a bare RuntimeError; every
             # record measured so far is already in the database (one line per record).
@@ -622,35 +615,14 @@ def tune(
 
 
 def _rounds(
-    model,
-    target,
-    shapes,
-    sparse,
-    policy,
-    calibration,
-    trials,
-    deadline,
-    seed,
-    timeout,
-    rpc,
-    db,
-    builder,
-    rows,
-    progress,
-    state,
-    on_phase,
+    prepare, db, builder, rows, progress, state, on_phase, *, trials, deadline, seed, timeout, rpc
 ):
-    """The tuning rounds of :func:`tune` (state["complete"] turns False at the deadline)."""
-
-    from .compiler import _prepare
-
+    """The tuning rounds of :func:`tune`: `prepare()` gives the module to take the tasks from
+    (state["complete"] turns False at the deadline)."""
     # Round 2 re-selects with the tuned kernels; if that changes a layer's kernel, the new
     # kernel's task is tuned too. The timings of the last selection are stored with `db`.
     for round_ in (1, 2):
-        db.selection.pop(str(_target(target)), None)
-        _, _, tgt, mod, _ = _prepare(
-            model, target, shapes, sparse, policy, calibration, on_phase=on_phase, db=db
-        )
+        _, _, tgt, mod, _ = prepare()
         tasks = extract_tasks(mod)
         total_flops = sum(t.flops * t.calls for t in tasks) or 1.0
         todo = []
@@ -760,12 +732,6 @@ def _search():
     return ms.search_strategy.EvolutionarySearch(
         population_size=128, init_min_unmeasured=32, genetic_num_iters=3
     )
-
-
-def _target(target):
-    from .target import resolve_target
-
-    return resolve_target(target)
 
 
 def _cores() -> int:
