@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 # TVM's thread pool defaults to one thread on small machines; use every core unless told.
 _os.environ.setdefault("TVM_NUM_THREADS", str(len(_os.sched_getaffinity(0))))
 
-__all__ = ["CompiledModel", "TvmSparseError", "compile", "load", "__version__"]
+__all__ = ["CompiledModel", "TvmSparseError", "compile", "load", "tune", "__version__"]
 
 
 def __getattr__(name: str):
@@ -20,6 +20,10 @@ def __getattr__(name: str):
         from .compiler import compile
 
         return compile
+    if name == "tune":
+        from .tuning import tune
+
+        return tune
     if name in ("load", "CompiledModel"):
         from . import runtime
 
