@@ -1,0 +1,179 @@
+"""Block-sparse matmul on row-major activations with the transposes inside: Y = X . W^T.
+
+The K-major kernel (``bsr_matmul.bsr_wx``) is the fast form of a BSR matmul (per nonzero
+element: R broadcasts of W, P/16 vector loads of X), but a MatMul layer has X [M, K] and wants
+Y [M, N] row-major, so used alone it needs two transposes and three parallel launches; each
+launch costs ~2 us on this machine kind, as much as a transpose. This kernel does the same
+work in one launch: phase 0 transposes X into a shared K-major scratch in 16x16 register tiles
+(:mod:`.tile_transpose`), a spin barrier (:mod:`.recurrent_llvm_ir`) waits for all threads,
+phase 1 computes 16 output rows at a time into a small stack tile with the K-major inner loop
+and stores it into Y through 16x16 transposes. Tails (M, K or N not multiples of 16) take
+scalar loops.
+
+Every variant is a row of `VARIANTS` (form "rm"); tests and selection iterate it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import tirx
+from tvm.script import tirx as T
+
+from tvm_sparse._compat import ATTR_NOALIAS, ATTR_SCHEDULED
+from tvm_sparse.formats import BSR
+
+from . import recurrent_llvm_ir as lir
+from . import tile_transpose as tt
+from .bsr_matmul import Variant
+
+FORM = "rm"
+BLOCKS = ((1, 1), (4, 1), (8, 1), (16, 1), (1, 4), (4, 4), (8, 8))
+VARIANTS: tuple[Variant, ...] = tuple(Variant(r, c, FORM) for r, c in BLOCKS)
+# Register budget of one accumulator tile (bytes): "global" scratch under 1 KB is promoted to
+# registers; 16 zmm of 32 leaves room for the broadcasts and loads.
+ACCUMULATOR_BYTES = 1024
+ON_STACK = {"disable_lower_builtin": True}
+FLOAT_MIN = -3.4028234663852886e38
+LLVM_IR = lir.LLVM_IR + tt.LLVM_IR
+G = tt.TILE  # output rows per group: one 16x16 transpose per 16 columns of the group
+# Most rows of X offered: the per-thread output stage (16 x M floats) lives on the stack.
+MAX_ROWS = 512
+
+
+def column_tile(rows: int, cols: int) -> int:
+    """Columns per accumulator tile: rows x tile floats within the register budget."""
+    budget = ACCUMULATOR_BYTES // 4 // rows
+    return next(t for t in (64, 48, 32, 16) if t <= budget and cols % t == 0)
+
+
+def pack(bsr: BSR) -> np.ndarray:
+    """Block data as the kernel reads it: [nnzb, R, C] (at least one block)."""
+    data = bsr.data if bsr.nnzb else np.zeros((1, *bsr.block), np.float32)
+    return np.ascontiguousarray(data, dtype=np.float32)
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b) * b
+
+
+def bsr_rm(
+    m: int, n: int, k: int, variant: Variant, nnzb: int, relu: bool = False, threads: int = 2
+) -> tirx.PrimFunc:
+    """Y[M, N] = max(X . W^T + bias[N], floor) for row-major X [M, K], W [N, K] in BSR.
+
+    Parameters
+    ----------
+    m, n, k
+        Rows of X, padded output columns (a multiple of R), padded reduction length (a
+        multiple of C).
+    variant
+        Block shape, ``variant.form == "rm"``.
+    nnzb
+        Number of stored blocks (a buffer size; the pattern itself is runtime data).
+    relu
+        Clamp at 0 (fused ReLU); otherwise no clamp.
+    threads
+        Work chunks per phase (the core count; at least 2, as TVM drops a parallel loop of
+        extent 1); any runtime thread count stays correct.
+    """
+    r, c, threads = variant.rows, variant.cols, max(threads, 2)
+    assert variant.form == FORM and n % r == 0 and k % c == 0, (variant, n, k)
+    mp = _ceil(m, G)  # columns of the K-major scratch: whole 16-wide tiles
+    pv, nnzb_, floor = column_tile(r, mp), max(nnzb, 1), 0.0 if relu else FLOAT_MIN
+    ktiles, groups = k // G, -(-n // G)
+    k_tail, m_tail, n_tail = k % G, m % G, n % G
+    per_group = G // r  # block rows per group of 16 output rows
+
+    @T.prim_func(s_tir=True)
+    def kernel(
+        X: T.Buffer((m, k), "float32"),
+        data: T.Buffer((nnzb_, r, c), "float32"),
+        indices: T.Buffer((nnzb_,), "int32"),
+        indptr: T.Buffer((n // r + 1,), "int32"),
+        bias: T.Buffer((n,), "float32"),
+        Y: T.Buffer((m, n), "float32"),
+    ):
+        xt = T.alloc_buffer((k * mp,), "float32")
+        sync = T.alloc_buffer((threads * lir.STRIDE,), "int32")
+        for i in range(threads * lir.STRIDE):
+            sync[i] = 0
+        with T.attr(0, tt.IMPORT, LLVM_IR):
+            with T.attr(0, "pragma_parallel_launch_point", 1):
+                for th in T.parallel(threads):
+                    # Phase 0: xt[kk * mp + p] = X[p, kk], zero for p >= m.
+                    for kb in range(th * ktiles // threads, (th + 1) * ktiles // threads):
+                        for q in range(m // G):
+                            T.evaluate(
+                                tt.transpose16(
+                                    X, q * G * k + kb * G, k, xt, kb * G * mp + q * G, mp
+                                )
+                            )
+                        if m_tail > 0:
+                            for kk, p in T.grid(G, G):
+                                xt[(kb * G + kk) * mp + m - m_tail + p] = T.if_then_else(
+                                    p < m_tail,
+                                    X[m - m_tail + T.min(p, m_tail - 1), kb * G + kk],
+                                    T.float32(0),
+                                )
+                    if k_tail > 0 and th == threads - 1:
+                        for kk, p in T.grid(k_tail, mp):
+                            xt[(ktiles * G + kk) * mp + p] = T.if_then_else(
+                                p < m, X[T.min(p, m - 1), ktiles * G + kk], T.float32(0)
+                            )
+                    T.evaluate(lir.arrive(sync, th, 1))
+                for th in T.parallel(threads):
+                    T.evaluate(lir.wait(sync, threads, 1))
+                    stage = T.alloc_buffer((G * mp,), "float32", annotations=ON_STACK)
+                    for g in range(th * groups // threads, (th + 1) * groups // threads):
+                        for sub in range(per_group):
+                            br: T.let = g * per_group + sub
+                            if br < n // r:
+                                for p0 in range(mp // pv):
+                                    acc = T.alloc_buffer((r, pv), "float32", scope="global")
+                                    for i in T.unroll(r):
+                                        for j in T.vectorized(pv):
+                                            acc[i, j] = T.float32(0)
+                                    for blk in range(indptr[br], indptr[br + 1]):
+                                        for kk in range(c):
+                                            for i in T.unroll(r):
+                                                for j in T.vectorized(pv):
+                                                    acc[i, j] = (
+                                                        acc[i, j]
+                                                        + data[blk, i, kk]
+                                                        * xt[
+                                                            (indices[blk] * c + kk) * mp
+                                                            + p0 * pv
+                                                            + j
+                                                        ]
+                                                    )
+                                    for i in T.unroll(r):
+                                        for j in T.vectorized(pv):
+                                            stage[(sub * r + i) * mp + p0 * pv + j] = T.max(
+                                                acc[i, j] + bias[br * r + i], T.float32(floor)
+                                            )
+                        if n_tail == 0 or g < groups - 1:
+                            for q in range(m // G):
+                                T.evaluate(
+                                    tt.transpose16(stage, q * G, mp, Y, q * G * n + g * G, n)
+                                )
+                            if m_tail > 0:
+                                for p, i in T.grid(m_tail, G):
+                                    Y[m - m_tail + p, g * G + i] = stage[i * mp + m - m_tail + p]
+                        else:
+                            for p, i in T.grid(m, n_tail):
+                                Y[p, g * G + i] = stage[i * mp + p]
+
+    func = kernel.without_attr("global_symbol")
+    return func.with_attrs(
+        {ATTR_NOALIAS: True, ATTR_SCHEDULED: True, "tvm_sparse.kernel": variant.name}
+    )
+
+
+def reference(
+    w: np.ndarray, x: np.ndarray, bias: np.ndarray | None = None, relu: bool = False
+) -> np.ndarray:
+    """NumPy reference: X[M, K] . W[N, K]^T (+ bias) (ReLU), in float64 then float32."""
+    y = x.astype(np.float64) @ w.astype(np.float64).T
+    if bias is not None:
+        y += bias
+    return (np.maximum(y, 0) if relu else y).astype(np.float32)
