@@ -42,10 +42,17 @@ GROUP = 64
 MAX_ROWS = 256
 
 
-def column_tile(rows: int, cols: int) -> int:
-    """Columns per accumulator tile: rows x tile floats within the register budget."""
-    budget = ACCUMULATOR_BYTES // 4 // rows
-    return next(t for t in (64, 48, 32, 16) if t <= budget and cols % t == 0)
+def register_tile(rows: int, cols: int) -> tuple[int, int]:
+    """(rows of a block, columns of X) per accumulator tile, within the register budget.
+
+    Widest columns first: per stored element a tile costs one broadcast of W per row and one
+    load of X per 16 columns, so a 16x1 block runs as four 4x64 tiles (32 loads per 64 FMAs)
+    rather than four 16x16 ones (68 loads per 64 FMAs).
+    """
+    budget = ACCUMULATOR_BYTES // 4
+    pv = next(t for t in (64, 48, 32, 16) if cols % t == 0)
+    rt = max(d for d in range(1, rows + 1) if rows % d == 0 and d * pv <= budget)
+    return rt, pv
 
 
 def pack(bsr: BSR) -> np.ndarray:
@@ -81,7 +88,7 @@ def bsr_rm(
     r, c, threads = variant.rows, variant.cols, max(threads, 2)
     assert variant.form == FORM and n % r == 0 and k % c == 0, (variant, n, k)
     mp = _ceil(m, G)  # columns of the K-major scratch: whole 16-wide tiles
-    pv, nnzb_, floor = column_tile(r, mp), max(nnzb, 1), 0.0 if relu else FLOAT_MIN
+    (rt, pv), nnzb_, floor = register_tile(r, mp), max(nnzb, 1), 0.0 if relu else FLOAT_MIN
     ktiles, groups = k // G, -(-n // GROUP)
     k_tail, m_tail = k % G, m % G
     last = n - (groups - 1) * GROUP  # output rows of the last group
@@ -153,28 +160,31 @@ def bsr_rm(
                         for sub in range(GROUP // r):
                             br: T.let = g * (GROUP // r) + sub
                             if br < n // r:
-                                for p0 in range(mp // pv):
-                                    acc = T.alloc_buffer((r, pv), "float32", scope="global")
-                                    for i in T.unroll(r):
+                                for r0, p0 in T.grid(r // rt, mp // pv):
+                                    acc = T.alloc_buffer((rt, pv), "float32", scope="global")
+                                    for i in T.unroll(rt):
                                         for j in T.vectorized(pv):
                                             acc[i, j] = T.float32(0)
                                     for blk in range(indptr[br], indptr[br + 1]):
                                         for kk in range(c):
-                                            for i in T.unroll(r):
+                                            for i in T.unroll(rt):
                                                 for j in T.vectorized(pv):
                                                     acc[i, j] = (
                                                         acc[i, j]
-                                                        + data[blk, i, kk]
+                                                        + data[blk, r0 * rt + i, kk]
                                                         * xt[
                                                             (indices[blk] * c + kk) * mp
                                                             + p0 * pv
                                                             + j
                                                         ]
                                                     )
-                                    for i in T.unroll(r):
+                                    for i in T.unroll(rt):
                                         for j in T.vectorized(pv):
-                                            stage[(sub * r + i) * mp + p0 * pv + j] = T.max(
-                                                acc[i, j] + bias[br * r + i], T.float32(floor)
+                                            stage[(sub * r + r0 * rt + i) * mp + p0 * pv + j] = (
+                                                T.max(
+                                                    acc[i, j] + bias[br * r + r0 * rt + i],
+                                                    T.float32(floor),
+                                                )
                                             )
                         if g < groups - 1:
                             store_group(stage, rows, Y, g, GROUP, 0)
