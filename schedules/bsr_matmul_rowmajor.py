@@ -2,13 +2,11 @@
 
 The K-major kernel (``bsr_matmul.bsr_wx``) is the fast form of a BSR matmul (per nonzero
 element: R broadcasts of W, P/16 vector loads of X), but a MatMul layer has X [M, K] and wants
-Y [M, N] row-major, so used alone it needs two transposes and three parallel launches; each
-launch costs ~2 us on this machine kind, as much as a transpose. This kernel does the same
-work in one launch: phase 0 transposes X into a shared K-major scratch in 16x16 register tiles
-(:mod:`.tile_transpose`), a spin barrier (:mod:`.recurrent_llvm_ir`) waits for all threads,
-phase 1 computes 16 output rows at a time into a small stack tile with the K-major inner loop
-and stores it into Y through 16x16 transposes. Tails (M, K or N not multiples of 16) take
-scalar loops.
+Y [M, N] row-major, so used alone it needs two transposes and three parallel launches. This
+kernel does it all in one launch: each thread transposes X into its own K-major scratch in
+16x16 register tiles (:mod:`.tile_transpose`), computes its share of 64-row output groups with
+the K-major inner loop into a stack stage, and stores each group into Y through 16x16
+transposes and a row buffer. Tails (M, K or N not multiples of 16) take scalar loops.
 
 Every variant is a row of `VARIANTS` (form "rm"); tests and selection iterate it.
 """
@@ -22,7 +20,6 @@ from tvm.script import tirx as T
 from tvm_sparse._compat import ATTR_NOALIAS, ATTR_SCHEDULED
 from tvm_sparse.formats import BSR
 
-from . import recurrent_llvm_ir as lir
 from . import tile_transpose as tt
 from .bsr_matmul import Variant
 
@@ -34,11 +31,10 @@ VARIANTS: tuple[Variant, ...] = tuple(Variant(r, c, FORM) for r, c in BLOCKS)
 ACCUMULATOR_BYTES = 1024
 ON_STACK = {"disable_lower_builtin": True}
 FLOAT_MIN = -3.4028234663852886e38
-LLVM_IR = lir.LLVM_IR + tt.LLVM_IR
 G = tt.TILE
 # Output rows computed into the stack stage before they are transposed into Y.
 GROUP = 64
-# Most rows of X offered: the per-thread output stage (16 x M floats) lives on the stack.
+# Most rows of X offered: the per-thread output stage (GROUP x M floats) lives on the stack.
 MAX_ROWS = 256
 
 
@@ -82,10 +78,10 @@ def bsr_rm(
     relu
         Clamp at 0 (fused ReLU); otherwise no clamp.
     threads
-        Work chunks per phase (the core count; at least 2, as TVM drops a parallel loop of
-        extent 1); any runtime thread count stays correct.
+        Work chunks (the core count): each transposes all of X and computes 1/threads of the
+        output groups; any runtime thread count stays correct.
     """
-    r, c, threads = variant.rows, variant.cols, max(threads, 2)
+    r, c = variant.rows, variant.cols
     assert variant.form == FORM and n % r == 0 and k % c == 0, (variant, n, k)
     mp = _ceil(m, G)  # columns of the K-major scratch: whole 16-wide tiles
     (rt, pv), nnzb_, floor = register_tile(r, mp), max(nnzb, 1), 0.0 if relu else FLOAT_MIN
@@ -122,74 +118,61 @@ def bsr_rm(
         bias: T.Buffer((n,), "float32"),
         Y: T.Buffer((m, n), "float32"),
     ):
-        xt = T.alloc_buffer((k * mp,), "float32")
-        sync = T.alloc_buffer((threads * lir.STRIDE,), "int32")
-        for i in range(threads * lir.STRIDE):
-            sync[i] = 0
-        with T.attr(0, tt.IMPORT, LLVM_IR):
-            with T.attr(0, "pragma_parallel_launch_point", 1):
-                for th in T.parallel(threads):
-                    # Phase 0: xt[kk * mp + p] = X[p, kk], zero for p >= m. Along rows of X
-                    # first: consecutive tiles read the next 64 bytes of the same 16 rows.
-                    for q in range(m // G):
-                        for kb in range(th * ktiles // threads, (th + 1) * ktiles // threads):
-                            T.evaluate(
-                                tt.transpose16(
-                                    X, q * G * k + kb * G, k, xt, kb * G * mp + q * G, mp
-                                )
-                            )
-                    if m_tail > 0:
-                        for kb in range(th * ktiles // threads, (th + 1) * ktiles // threads):
-                            for kk, p in T.grid(G, G):
-                                xt[(kb * G + kk) * mp + m - m_tail + p] = T.if_then_else(
-                                    p < m_tail,
-                                    X[m - m_tail + T.min(p, m_tail - 1), kb * G + kk],
-                                    T.float32(0),
-                                )
-                    if k_tail > 0 and th == threads - 1:
-                        for kk, p in T.grid(k_tail, mp):
-                            xt[(ktiles * G + kk) * mp + p] = T.if_then_else(
-                                p < m, X[T.min(p, m - 1), ktiles * G + kk], T.float32(0)
-                            )
-                    T.evaluate(lir.arrive(sync, th, 1))
-                for th in T.parallel(threads):
-                    T.evaluate(lir.wait(sync, threads, 1))
-                    stage = T.alloc_buffer((GROUP * mp,), "float32", annotations=ON_STACK)
-                    rows = T.alloc_buffer((G * GROUP,), "float32", annotations=ON_STACK)
-                    for g in range(th * groups // threads, (th + 1) * groups // threads):
-                        for sub in range(GROUP // r):
-                            br: T.let = g * (GROUP // r) + sub
-                            if br < n // r:
-                                for r0, p0 in T.grid(r // rt, mp // pv):
-                                    acc = T.alloc_buffer((rt, pv), "float32", scope="global")
-                                    for i in T.unroll(rt):
-                                        for j in T.vectorized(pv):
-                                            acc[i, j] = T.float32(0)
-                                    for blk in range(indptr[br], indptr[br + 1]):
-                                        for kk in range(c):
-                                            for i in T.unroll(rt):
-                                                for j in T.vectorized(pv):
-                                                    acc[i, j] = (
-                                                        acc[i, j]
-                                                        + data[blk, r0 * rt + i, kk]
-                                                        * xt[
-                                                            (indices[blk] * c + kk) * mp
-                                                            + p0 * pv
-                                                            + j
-                                                        ]
-                                                    )
-                                    for i in T.unroll(rt):
-                                        for j in T.vectorized(pv):
-                                            stage[(sub * r + r0 * rt + i) * mp + p0 * pv + j] = (
-                                                T.max(
-                                                    acc[i, j] + bias[br * r + r0 * rt + i],
-                                                    T.float32(floor),
+        with T.attr(0, tt.IMPORT, tt.LLVM_IR):
+            for th in T.parallel(threads):
+                # Every thread transposes all of X into its own scratch: no barrier, and no
+                # lines written by one core and read by the other (a shared scratch with a
+                # spin barrier measured 38.5 us against 35.8 us, and much worse when a
+                # thread is preempted).
+                xt = T.alloc_buffer((k * mp,), "float32")
+                # xt[kk * mp + p] = X[p, kk], zero for p >= m. Along rows of X first:
+                # consecutive tiles read the next 64 bytes of the same 16 rows.
+                for q, kb in T.grid(m // G, ktiles):
+                    T.evaluate(
+                        tt.transpose16(X, q * G * k + kb * G, k, xt, kb * G * mp + q * G, mp)
+                    )
+                if m_tail > 0:
+                    for kb, kk, p in T.grid(ktiles, G, G):
+                        xt[(kb * G + kk) * mp + m - m_tail + p] = T.if_then_else(
+                            p < m_tail,
+                            X[m - m_tail + T.min(p, m_tail - 1), kb * G + kk],
+                            T.float32(0),
+                        )
+                if k_tail > 0:
+                    for kk, p in T.grid(k_tail, mp):
+                        xt[(ktiles * G + kk) * mp + p] = T.if_then_else(
+                            p < m, X[T.min(p, m - 1), ktiles * G + kk], T.float32(0)
+                        )
+                stage = T.alloc_buffer((GROUP * mp,), "float32", annotations=ON_STACK)
+                rows = T.alloc_buffer((G * GROUP,), "float32", annotations=ON_STACK)
+                for g in range(th * groups // threads, (th + 1) * groups // threads):
+                    for sub in range(GROUP // r):
+                        br: T.let = g * (GROUP // r) + sub
+                        if br < n // r:
+                            for r0, p0 in T.grid(r // rt, mp // pv):
+                                acc = T.alloc_buffer((rt, pv), "float32", scope="global")
+                                for i in T.unroll(rt):
+                                    for j in T.vectorized(pv):
+                                        acc[i, j] = T.float32(0)
+                                for blk in range(indptr[br], indptr[br + 1]):
+                                    for kk in range(c):
+                                        for i in T.unroll(rt):
+                                            for j in T.vectorized(pv):
+                                                acc[i, j] = (
+                                                    acc[i, j]
+                                                    + data[blk, r0 * rt + i, kk]
+                                                    * xt[(indices[blk] * c + kk) * mp + p0 * pv + j]
                                                 )
-                                            )
-                        if g < groups - 1:
-                            store_group(stage, rows, Y, g, GROUP, 0)
-                        else:
-                            store_group(stage, rows, Y, g, last // G * G, last % G)
+                                for i in T.unroll(rt):
+                                    for j in T.vectorized(pv):
+                                        stage[(sub * r + r0 * rt + i) * mp + p0 * pv + j] = T.max(
+                                            acc[i, j] + bias[br * r + r0 * rt + i],
+                                            T.float32(floor),
+                                        )
+                    if g < groups - 1:
+                        store_group(stage, rows, Y, g, GROUP, 0)
+                    else:
+                        store_group(stage, rows, Y, g, last // G * G, last % G)
 
     func = kernel.without_attr("global_symbol")
     return func.with_attrs(

@@ -78,7 +78,8 @@ def test_tails_and_tiles(variant, m, n, k):
 
 @pytest.mark.parametrize("threads", [1, 3, 5])
 def test_any_chunk_count_is_correct(threads):
-    """The barrier protocol holds when chunks and runtime threads differ."""
+    """Every output group is written whatever the chunk count (fewer or more than the runtime
+    threads)."""
     w = prune_out_in(np.random.default_rng(5).standard_normal((96, 80)).astype(np.float32), 0.7)
     check(Variant(1, 1, "rm"), w, m=48, relu=False, threads=threads)
 
