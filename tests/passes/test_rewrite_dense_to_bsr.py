@@ -82,3 +82,34 @@ def test_row_major_form_needs_no_transposes():
 def test_empty_plan_is_identity():
     mod = from_onnx(fc_relu(m=8, k=16, n=16, block=(4, 1)))
     tvm.ir.assert_structural_equal(RewriteDenseToBSR({})(mod), mod)
+
+
+def test_two_row_major_kernels_in_one_library(tmp_path):
+    """Each rm kernel links the same LLVM IR helper: two in one module build, export and load."""
+    rng = np.random.default_rng(9)
+    w1 = prune_out_in(rng.standard_normal((64, 48)).astype(np.float32), 0.8, (4, 1)).T
+    w2 = prune_out_in(rng.standard_normal((32, 64)).astype(np.float32), 0.8, (4, 1)).T
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+            helper.make_node("MatMul", ["h", "w2"], ["y"], name="fc2"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [20, 48])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [20, 32])],
+        [
+            numpy_helper.from_array(np.ascontiguousarray(w1), "w1"),
+            numpy_helper.from_array(np.ascontiguousarray(w2), "w2"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    mod = from_onnx(model)
+    plan = {layer.key: Variant(4, 1, "rm") for layer in collect_layers(mod)}
+    rewritten = RewriteDenseToBSR(plan)(mod)
+    assert kernels(rewritten) == ["bsr_rm_4x1_f32"] * 2
+    ex = relax.build(optimize(rewritten, TARGET), TARGET, relax_pipeline=lowering_pipeline(TARGET))
+    ex.export_library(str(tmp_path / "lib.so"))
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(tmp_path / "lib.so")), tvm.cpu())
+    x = rng.standard_normal((20, 48)).astype(np.float32)
+    assert_close(vm["main"](tvm.runtime.tensor(x)).numpy(), ort_run(model, {"x": x})[0])
