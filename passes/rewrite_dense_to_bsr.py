@@ -14,7 +14,8 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvm_sparse.formats import to_bsr
-from tvm_sparse.schedules import bsr_matmul
+from tvm_sparse.schedules import bsr_matmul, bsr_matmul_rowmajor
+from tvm_sparse.target import num_cores
 
 from .collect_sparse_layers import MatmulLayer, collect_layers, matmul_form, weight_key
 
@@ -45,6 +46,11 @@ def emit_bsr(
     bsr = to_bsr(layer.weight, (variant.rows, variant.cols))
     bias = layer.bias if layer.bias is not None else np.zeros(n, np.float32)
     p = layer.columns
+    if variant.form == bsr_matmul_rowmajor.FORM:  # row-major X and Y, transposes inside
+        func = bsr_matmul_rowmajor.bsr_rm(
+            p, n, k, variant, bsr.nnzb, relu=layer.relu, threads=num_cores()
+        )
+        return _call(bb, func, layer, bsr, bsr_matmul_rowmajor.pack(bsr), bias, x, [p, n])
     if variant.form == "xw":  # row-major X and Y: no transposes
         arrays = bsr_matmul.kernel_arrays(bsr, variant)
         func = bsr_matmul.bsr_xw(p, n, k, variant, len(arrays[1]), relu=layer.relu)

@@ -90,3 +90,16 @@ def test_timing_signature_tells_pointwise_convs_of_different_spatial_shape_apart
     a.form = b.form = "wx"
     a.conv_hw, b.conv_hw = (7, 7), (8, 8)
     assert Timer.signature(a, DENSE) != Timer.signature(b, DENSE)
+
+
+def test_row_major_layers_also_time_the_kernel_with_transposes_inside():
+    """MatMul-form layers ("xw") of 2..MAX_ROWS rows get the "rm" candidate; others do not."""
+    from tvm_sparse.schedules.bsr_matmul import Variant
+    from tvm_sparse.schedules.bsr_matmul_rowmajor import MAX_ROWS
+    from tvm_sparse.selection import variants_for
+
+    fc = layer(0.9, (4, 1))
+    assert Variant(4, 1, "rm") in variants_for(fc, (4, 1))
+    for columns, form in ((1, "xw"), (MAX_ROWS + 1, "xw"), (8, "wx")):
+        fc.columns, fc.form = columns, form
+        assert all(v.form != "rm" for v in variants_for(fc, (4, 1))), (columns, form)

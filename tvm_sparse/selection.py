@@ -19,7 +19,7 @@ from tvm import relax
 
 from .formats import to_bsr
 from .passes.collect_sparse_layers import MatmulLayer
-from .schedules import bsr_matmul
+from .schedules import bsr_matmul, bsr_matmul_rowmajor
 from .sparsity import element_sparsity, zero_block_fraction
 
 DENSE = "dense"
@@ -65,9 +65,17 @@ def variant_for(layer: MatmulLayer, block: tuple[int, int]) -> bsr_matmul.Varian
 
 
 def variants_for(layer: MatmulLayer, block: tuple[int, int]) -> list[bsr_matmul.Variant]:
-    """Every kernel form worth timing for this layer and block: the K-major one, plus the
-    transpose-free row-major one for "xw" layers with tall blocks and several rows."""
+    """Every kernel form worth timing for this layer and block: the K-major one, plus for "xw"
+    layers with several rows the one with the transposes inside (`bsr_matmul_rowmajor`) and
+    the transpose-free row-major one (tall blocks)."""
     out = [variant_for(layer, block)]
+    rm = bsr_matmul.Variant(block[0], block[1], bsr_matmul_rowmajor.FORM)
+    if (
+        layer.form == "xw"
+        and 1 < layer.columns <= bsr_matmul_rowmajor.MAX_ROWS
+        and rm in bsr_matmul_rowmajor.VARIANTS
+    ):
+        out.append(rm)
     xw = bsr_matmul.Variant(block[0], block[1], "xw")
     if (
         layer.form == "xw"
@@ -348,7 +356,7 @@ def _force(layer: MatmulLayer, timer: Timer | None) -> Decision:
         return decision
     sparse = {k: v for k, v in decision.times.items() if k != DENSE}
     best = min(sparse, key=sparse.get)
-    variant = next(v for v in bsr_matmul.VARIANTS if v.name == best)
+    variant = next(v for v in bsr_matmul.VARIANTS + bsr_matmul_rowmajor.VARIANTS if v.name == best)
     return Decision(layer, best, variant, decision.times, "sparse='force' (dense measured faster)")
 
 
