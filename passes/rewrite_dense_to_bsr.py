@@ -13,7 +13,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from tvm_sparse.formats import to_bsr
+from tvm_sparse.formats import bucket, to_bsr
 from tvm_sparse.schedules import bsr_matmul, bsr_matmul_rowmajor
 from tvm_sparse.target import num_cores
 
@@ -47,10 +47,12 @@ def emit_bsr(
     bias = layer.bias if layer.bias is not None else np.zeros(n, np.float32)
     p = layer.columns
     if variant.form == bsr_matmul_rowmajor.FORM:  # row-major X and Y, transposes inside
+        padded = bucket(bsr)  # at least one (never read) block
         func = bsr_matmul_rowmajor.bsr_rm(
-            p, n, k, variant, bsr.nnzb, relu=layer.relu, threads=num_cores()
+            p, n, k, variant, padded.stored, relu=layer.relu, threads=num_cores()
         )
-        return _call(bb, func, layer, bsr, bsr_matmul_rowmajor.pack(bsr), bias, x, [p, n])
+        arrays = (bsr_matmul_rowmajor.pack(padded), padded.indices, padded.indptr)
+        return _call(bb, func, arrays, bias, x, [p, n])
     if variant.form == "xw":  # row-major X and Y: no transposes
         arrays = bsr_matmul.kernel_arrays(bsr, variant)
         func = bsr_matmul.bsr_xw(p, n, k, variant, len(arrays[1]), relu=layer.relu)
