@@ -124,10 +124,12 @@ def _shape(red) -> tuple[int | None, int | None, int | None]:
 
 # Parallel split of the tile loops: both fused with column panels outer (a B panel is reused by
 # consecutive row tiles), both fused with row tiles outer, or column panels only, each task
-# walking all row tiles of its panel (which makes repacking its B panel worth it). The split
+# walking all row tiles of its panel (which makes repacking its B panel worth it), or column
+# panels with the K blocks outside the row tiles (GotoBLAS). The split
 # changes the loop nest, so it is fixed when MetaSchedule builds the design space; the other
 # knobs are split factors that every candidate resamples.
-PANELS_THEN_ROWS, ROWS_THEN_PANELS, PANELS_ONLY = 0, 1, 2
+PANELS_THEN_ROWS, ROWS_THEN_PANELS, PANELS_ONLY, PANELS_KBLOCKS = 0, 1, 2, 3
+ORDERS = (PANELS_THEN_ROWS, ROWS_THEN_PANELS, PANELS_ONLY, PANELS_KBLOCKS)
 K_UNROLLS = (1, 2, 4)
 
 
@@ -140,8 +142,8 @@ class MatmulConfig:
     vectors: tuple
     k_block: tuple  # K for no blocking
     k_unroll: tuple  # inner K loop unrolled by this factor (1: not unrolled)
-    order: int  # PANELS_THEN_ROWS, ROWS_THEN_PANELS or PANELS_ONLY
-    pack_b: bool  # PANELS_ONLY: copy the task's B panel to a contiguous [K, cols] buffer
+    order: int  # one of ORDERS
+    pack_b: bool  # PANELS_ONLY / PANELS_KBLOCKS: copy B panel (blocks) to contiguous buffers
     lanes: int
 
 
@@ -163,7 +165,8 @@ def _decide(
     unroll_ok = [u for u in K_UNROLLS if all(c % u == 0 for c in kc_ok)]
     k_unroll = choose_factor(sch, unroll_ok, 1, tune)
     order = choose(sch, orders, orders[0], tune)
-    pack_b = bool(choose(sch, [0, 1], 0, tune)) if order == PANELS_ONLY else False
+    packs = order in (PANELS_ONLY, PANELS_KBLOCKS)
+    pack_b = bool(choose(sch, [0, 1], 0, tune)) if packs else False
     return MatmulConfig(rows, vectors, k_block, k_unroll, order, pack_b, lanes)
 
 
@@ -176,6 +179,37 @@ def _b_read_index(sch: s_tir.Schedule, block_rv) -> int | None:
         if len(mins) >= 2 and mins[-2].same_as(k_var) and mins[-1].same_as(j_var):
             return index
     return None
+
+
+def _loop_nest(sch: s_tir.Schedule, cfg: MatmulConfig, batch, i, j, k_loop):
+    """Split and order the contraction's loops for `cfg`; returns the parallel loop, where the
+    accumulator tile and the packed B panel go, the outer and unrolled K loops, the register
+    tile loops and the lane loop."""
+    j0, j1, j2 = sch.split(j, [None, cfg.vectors[1], cfg.lanes])
+    # K is always split (factor K: a unit outer loop; unroll 1: a unit inner loop that lowering
+    # removes), so every decision yields the same loop nest shape.
+    k_outer, k_inner = sch.split(k_loop, [None, cfg.k_block[1]])
+    k_mid, k_in = sch.split(k_inner, [None, cfg.k_unroll[1]])
+    if i is None:
+        sch.reorder(*batch, j0, k_outer, k_mid, k_in, j1, j2)
+        outer = sch.fuse(*batch, j0)
+        return outer, outer, outer, k_outer, k_in, [j1], j2
+    i0, i1 = sch.split(i, [None, cfg.rows[1]])
+    if cfg.order == PANELS_KBLOCKS:
+        # GotoBLAS order: a K block of the panel is reused by every row tile from L1/L2; the
+        # accumulators of the whole panel live in a buffer across K blocks.
+        sch.reorder(*batch, j0, k_outer, i0, k_mid, k_in, i1, j1, j2)
+        outer = sch.fuse(*batch, j0)
+        return outer, outer, k_outer, k_outer, k_in, [i1, j1], j2
+    tasks = {
+        PANELS_THEN_ROWS: [j0, i0],
+        ROWS_THEN_PANELS: [i0, j0],
+        PANELS_ONLY: [j0],
+    }[cfg.order]
+    serial = [i0] if cfg.order == PANELS_ONLY else []
+    sch.reorder(*batch, *tasks, *serial, k_outer, k_mid, k_in, i1, j1, j2)
+    outer = sch.fuse(*batch, *tasks)
+    return outer, serial[0] if serial else outer, outer, k_outer, k_in, [i1, j1], j2
 
 
 def apply_matmul(sch: s_tir.Schedule, target: Target, tune: bool, order: int | None = None) -> bool:
@@ -196,7 +230,7 @@ def apply_matmul(sch: s_tir.Schedule, target: Target, tune: bool, order: int | N
     name = sch.get(block_rv).name_hint
     bits = sch.get(block_rv).writes[0].source.dtype.bits
     gemv = len(red.iters) == 2  # M = 1 squeezed away by normalisation: no row loop
-    orders = [PANELS_THEN_ROWS] if gemv else [PANELS_THEN_ROWS, ROWS_THEN_PANELS, PANELS_ONLY]
+    orders = [PANELS_THEN_ROWS] if gemv else list(ORDERS)
     if order is not None:
         if order not in orders:
             return False
@@ -215,31 +249,15 @@ def apply_matmul(sch: s_tir.Schedule, target: Target, tune: bool, order: int | N
         (j, k_loop), batch, i = loops, [], None
     else:
         *batch, i, j, k_loop = loops
-    j0, j1, j2 = sch.split(j, [None, cfg.vectors[1], cfg.lanes])
-    tasks, serial, regs = [j0], [], [j1]
-    if i is not None:
-        i0, i1 = sch.split(i, [None, cfg.rows[1]])
-        regs = [i1, j1]
-        tasks = {
-            PANELS_THEN_ROWS: [j0, i0],
-            ROWS_THEN_PANELS: [i0, j0],
-            PANELS_ONLY: [j0],
-        }[cfg.order]
-        serial = [i0] if cfg.order == PANELS_ONLY else []
-    # K is always split (factor K: a unit outer loop; unroll 1: a unit inner loop that lowering
-    # removes), so every decision yields the same loop nest shape.
-    k_outer, k_inner = sch.split(k_loop, [None, cfg.k_block[1]])
-    k_mid, k_in = sch.split(k_inner, [None, cfg.k_unroll[1]])
-    sch.reorder(*batch, *tasks, *serial, k_outer, k_mid, k_in, *regs, j2)
-    outer = sch.fuse(*batch, *tasks)
+    outer, acc_at, pack_at, k_outer, k_in, regs, j2 = _loop_nest(sch, cfg, batch, i, j, k_loop)
     acc = sch.cache_write(block_rv, 0, "global")  # < 1 KB "global" => registers
-    sch.reverse_compute_at(acc, serial[0] if serial else outer, preserve_unit_loops=True)
+    sch.reverse_compute_at(acc, acc_at, preserve_unit_loops=True)
     inline_epilogues(sch, acc)
     b_index = _b_read_index(sch, block_rv)
     if cfg.pack_b and b_index is not None:
         # B rows are N apart: a K x 64 panel maps onto few L1 sets. A contiguous copy per task.
         packed = sch.cache_read(block_rv, b_index, "global")
-        sch.compute_at(packed, outer, preserve_unit_loops=True)
+        sch.compute_at(packed, pack_at, preserve_unit_loops=True)
         sch.vectorize(sch.split(sch.get_loops(packed)[-1], [None, cfg.lanes])[1])
     sch.parallel(outer)
     sch.unroll(k_in)

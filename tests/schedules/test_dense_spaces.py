@@ -102,7 +102,7 @@ def test_matmul_default_is_the_rule_and_replays(name):
         (name, order)
         for name in MATMUL_SHAPES
         if name != "gemv"
-        for order in (matmul.PANELS_THEN_ROWS, matmul.ROWS_THEN_PANELS, matmul.PANELS_ONLY)
+        for order in matmul.ORDERS
     ],
 )
 def test_matmul_random_samples_are_correct(name, order):
