@@ -98,12 +98,7 @@ def test_matmul_default_is_the_rule_and_replays(name):
 @pytest.mark.parametrize(
     "name, order",
     [("gemv", matmul.PANELS_THEN_ROWS)]
-    + [
-        (name, order)
-        for name in MATMUL_SHAPES
-        if name != "gemv"
-        for order in matmul.ORDERS
-    ],
+    + [(name, order) for name in MATMUL_SHAPES if name != "gemv" for order in matmul.ORDERS],
 )
 def test_matmul_random_samples_are_correct(name, order):
     func, arrays, ref = _matmul_case(name)
@@ -145,25 +140,24 @@ def test_conv_random_samples_are_correct(name, kind):
 
 
 @pytest.mark.parametrize(
-    "case, apply",
-    [
-        (lambda: _matmul_case("64x1024x1024"), matmul.apply_matmul),
-        (lambda: _conv_case("dense_3x3_s1"), conv2d.apply_conv2d),
-    ],
+    "case",
+    [lambda: _matmul_case("64x1024x1024"), lambda: _conv_case("dense_3x3_s1")],
     ids=["matmul", "conv2d"],
 )
-def test_search_resamples_the_knobs(case, apply):
+def test_search_resamples_the_knobs(case):
     """MetaSchedule replays the design space's instructions with fresh decisions: the tile
     sizes must follow them (split factors referencing the sampled variables), or every
     candidate would be the same schedule."""
+    from tvm.s_tir import meta_schedule as ms
+
     func, _, _ = case()
-    space = s_tir.Schedule(func, seed=1)
-    assert apply(space, TARGET, True)
+    generator = spaces.schedule_fn(spaces.space_for(func), TARGET)
+    context = ms.TuneContext(mod=func, target=TARGET, space_generator=generator, task_name="t")
+    (space,) = context.generate_design_space()
     without_decisions = Trace(space.trace.insts, {})
-    mods = []
+    scripts = set()
     for seed in (11, 12, 13, 14, 15):
-        sch = s_tir.Schedule(func, seed=seed)
+        sch = s_tir.Schedule(context.mod, seed=seed)
         without_decisions.apply_to_schedule(sch, remove_postproc=False)
-        mods.append(sch.mod)
-    distinct = {m.script() for m in mods}
-    assert len(distinct) > 1, "every replay with new decisions gave the same schedule"
+        scripts.add(sch.mod.script())
+    assert len(scripts) > 1, "every replay with new decisions gave the same schedule"
