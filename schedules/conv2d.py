@@ -435,7 +435,10 @@ def _vectorize_pad_plane(sch: s_tir.Schedule, pad, before, phases: int) -> None:
         sch.unroll(sch.get_loops(sch.get_child_blocks(cols)[0])[-1])
 
 
-CHANNEL, ROW = 0, 1  # tile kinds: ChannelTile, RowTile
+# Tile kinds: ChannelTile, RowTile. A kind shapes the loop nest, so a MetaSchedule design space
+# (one trace, replayed with new decisions) holds one kind: tune with one space per kind.
+CHANNEL, ROW = 0, 1
+KINDS = (CHANNEL, ROW)
 
 
 def apply_conv2d(

@@ -125,9 +125,10 @@ def _shape(red) -> tuple[int | None, int | None, int | None]:
 # Parallel split of the tile loops: both fused with column panels outer (a B panel is reused by
 # consecutive row tiles), both fused with row tiles outer, or column panels only, each task
 # walking all row tiles of its panel (which makes repacking its B panel worth it), or column
-# panels with the K blocks outside the row tiles (GotoBLAS). The split
-# changes the loop nest, so it is fixed when MetaSchedule builds the design space; the other
-# knobs are split factors that every candidate resamples.
+# panels with the K blocks outside the row tiles (GotoBLAS). The split changes the loop nest,
+# so it is fixed when MetaSchedule builds a design space (one trace, replayed with new
+# decisions): tune with one space per order (`apply_matmul(..., order=...)`); the other knobs
+# are split factors that every candidate resamples.
 PANELS_THEN_ROWS, ROWS_THEN_PANELS, PANELS_ONLY, PANELS_KBLOCKS = 0, 1, 2, 3
 ORDERS = (PANELS_THEN_ROWS, ROWS_THEN_PANELS, PANELS_ONLY, PANELS_KBLOCKS)
 K_UNROLLS = (1, 2, 4)
