@@ -5,6 +5,8 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import SBlockInfo, normalize_prim_func
 
+from .spaces import choose
+
 __all__ = [
     "SBlockInfo",
     "normalize_prim_func",
@@ -12,6 +14,7 @@ __all__ = [
     "inline_epilogues",
     "vector_width",
     "schedule_leftover",
+    "choose_factor",
 ]
 
 # Work below this many output elements is not worth waking the thread pool for (~2-5 us).
@@ -92,3 +95,14 @@ def schedule_leftover(sch: s_tir.Schedule, skip: set[str] = frozenset()) -> None
             _schedule_block(sch, info)
         except Exception:  # a shape the simple recipe cannot handle stays correct, unscheduled
             continue
+
+
+def choose_factor(sch: s_tir.Schedule, choices, default: int, tune: bool):
+    """A :func:`spaces.choose` decision as ``(value, ExprRV)``.
+
+    Pass the ExprRV (not the value) to ``split``: MetaSchedule's search replays the design
+    space's instructions with fresh decisions, so only factors that reference the sampled
+    variable change between candidates; a literal would freeze the first sample.
+    """
+    value = choose(sch, choices, default, tune)
+    return value, sch.trace.insts[-1].outputs[0]

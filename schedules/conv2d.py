@@ -27,7 +27,8 @@ from tvm.sym import detect_linear_equation
 from tvm.target import Target
 from tvm.tirx import IndexMap
 
-from .common import const_extent, inline_epilogues, normalize_prim_func
+from .common import choose_factor, const_extent, inline_epilogues, normalize_prim_func
+from .spaces import Space, choose, register
 
 ROLES = ("n", "co", "oh", "ow", "rc", "ry", "rx")
 LANES = 16  # fp32 lanes of one zmm register
@@ -169,6 +170,15 @@ def _largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
 
 
+def _choices(candidates, default: int, fits) -> list[int]:
+    """The candidates that `fits` accepts, plus the default (always a valid choice)."""
+    return sorted({c for c in candidates if fits(c)} | {default})
+
+
+def _divisors(n: int, at_most: int, default: int) -> list[int]:
+    return _choices(range(1, at_most + 1), default, lambda d: n % d == 0)
+
+
 def choose_tile(conv: ConvBlock) -> ChannelTile | RowTile:
     """The default register tile for `conv` (measured on Zen 5, one thread).
 
@@ -177,13 +187,18 @@ def choose_tile(conv: ConvBlock) -> ChannelTile | RowTile:
     reductions need more accumulators per load. Depthwise: one vector of a row, 4-8 rows, two
     channels per task for 7x7 planes.
     """
-    co, oh, ow = conv.extents["co"], conv.extents["oh"], conv.extents["ow"]
+    co, ow = conv.extents["co"], conv.extents["ow"]
     if not conv.grouped and co % LANES == 0:
         reduction = conv.extents["rc"] * conv.extents["ry"] * conv.extents["rx"]
         pointwise = conv.extents["ry"] * conv.extents["rx"] == 1
         if co % (2 * LANES) == 0 and (pointwise or reduction < 256):
             return ChannelTile(vectors=2, pixels=_largest_divisor(ow, 14 if pointwise else 8))
         return ChannelTile(vectors=1, pixels=_largest_divisor(ow, 14))
+    return _row_tile(conv)
+
+
+def _row_tile(conv: ConvBlock) -> RowTile:
+    co, oh, ow = conv.extents["co"], conv.extents["oh"], conv.extents["ow"]
     # Power-of-two rows vectorise cleanly; other widths become one odd-sized vector per row
     # (LLVM splits it into zmm/ymm/xmm parts), which measured better than 4- or 8-lane tiles.
     lanes = LANES if ow % LANES == 0 else _largest_divisor(ow, 2 * LANES)
@@ -220,24 +235,35 @@ def _schedule_pad_root(sch: s_tir.Schedule, pad, before, phases: int) -> None:
     _vectorize_pad_plane(sch, pad, before, phases)
 
 
-def _schedule_channel_tile(sch: s_tir.Schedule, conv: ConvBlock, tile: ChannelTile):
-    lp, ext = conv.loops, conv.extents
+def _channel_knobs(sch: s_tir.Schedule, conv: ConvBlock, tile: ChannelTile, tune: bool) -> dict:
+    """Vectors of 16 output channels, output columns per tile, and row chunks (parallel tasks
+    per channel block; each chunk repacks its weights), as (value, ExprRV) pairs."""
+    co, oh, ow = conv.extents["co"], conv.extents["oh"], conv.extents["ow"]
+    vec_ok = _choices((1, 2, 4), tile.vectors, lambda v: co % (v * LANES) == 0)
+    # Enough parallel tasks by default: 8 over the channel blocks and row chunks.
+    chunks = _largest_divisor(oh, -(-MIN_TASKS // (co // (tile.vectors * LANES))))
+    return {
+        "vectors": choose_factor(sch, vec_ok, tile.vectors, tune),
+        "pixels": choose_factor(sch, _divisors(ow, 16, tile.pixels), tile.pixels, tune),
+        "chunks": choose_factor(sch, _divisors(oh, 16, chunks), chunks, tune),
+    }
+
+
+def _schedule_channel_tile(sch: s_tir.Schedule, conv: ConvBlock, knobs: dict):
+    lp = conv.loops
     block = conv.block
     pad = _producer_of(sch, block, conv.data)
-    co_o, co_v, co_l = sch.split(lp["co"], [None, tile.vectors, LANES])
-    # Enough parallel tasks: split output rows into chunks; each chunk repacks its weights.
-    chunks = -(-MIN_TASKS // (ext["co"] // (tile.vectors * LANES)))
-    chunks = _largest_divisor(ext["oh"], chunks) if "oh" in lp else 1
+    co_o, co_v, co_l = sch.split(lp["co"], [None, knobs["vectors"][1], LANES])
     task = [lp["n"]] if "n" in lp else []
     task.append(co_o)
     spatial = []
     if "oh" in lp:
-        oh_o, oh_i = sch.split(lp["oh"], [chunks, None])
+        oh_o, oh_i = sch.split(lp["oh"], [knobs["chunks"][1], None])
         task.append(oh_o)
         spatial.append(oh_i)
     pixel = []
     if "ow" in lp:
-        ow_o, ow_i = sch.split(lp["ow"], [None, tile.pixels])
+        ow_o, ow_i = sch.split(lp["ow"], [None, knobs["pixels"][1]])
         spatial.append(ow_o)
         pixel.append(ow_i)
     red = [lp[r] for r in ("rc", "ry", "rx") if r in lp]
@@ -271,7 +297,19 @@ def _schedule_channel_tile(sch: s_tir.Schedule, conv: ConvBlock, tile: ChannelTi
             _schedule_pad_root(sch, pad, _pad_before(sch, pad), 1)
 
 
-def _schedule_row_tile(sch: s_tir.Schedule, conv: ConvBlock, tile: RowTile):
+def _row_knobs(sch: s_tir.Schedule, conv: ConvBlock, tile: RowTile, tune: bool) -> dict:
+    """Channels, output rows and vectors of ``tile.lanes`` columns per tile, as (value, ExprRV)
+    pairs."""
+    co, oh, ow = conv.extents["co"], conv.extents["oh"], conv.extents["ow"]
+    vec_ok = _choices((1, 2, 4), tile.vectors, lambda v: ow % (v * tile.lanes) == 0)
+    return {
+        "co": choose_factor(sch, _divisors(co, 16, tile.co), tile.co, tune),
+        "rows": choose_factor(sch, _divisors(oh, 8, tile.rows), tile.rows, tune),
+        "vectors": choose_factor(sch, vec_ok, tile.vectors, tune),
+    }
+
+
+def _schedule_row_tile(sch: s_tir.Schedule, conv: ConvBlock, tile: RowTile, knobs: dict):
     lp, ext = conv.loops, conv.extents
     block = conv.block
     pad = _producer_of(sch, block, conv.data)
@@ -290,21 +328,22 @@ def _schedule_row_tile(sch: s_tir.Schedule, conv: ConvBlock, tile: RowTile):
     if "n" in lp:
         task.append(lp["n"])
     if "co" in lp:
-        co_o, co_i = sch.split(lp["co"], [None, tile.co])
+        co_o, co_i = sch.split(lp["co"], [None, knobs["co"][1]])
         task.append(co_o)
         inner.append(co_i)
     if "oh" in lp:
-        oh_o, oh_i = sch.split(lp["oh"], [None, tile.rows])
+        oh_o, oh_i = sch.split(lp["oh"], [None, knobs["rows"][1]])
         spatial.append(oh_o)
         inner.append(oh_i)
     if "ow" in lp:
-        ow_o, ow_v, ow_l = sch.split(lp["ow"], [None, tile.vectors, tile.lanes])
+        ow_o, ow_v, ow_l = sch.split(lp["ow"], [None, knobs["vectors"][1], tile.lanes])
         spatial.append(ow_o)
         inner.append(ow_v)
         vec.append(ow_l)
     red = [lp[r] for r in ("rc", "ry", "rx") if r in lp]
     sch.reorder(*task, *spatial, *red, *inner, *vec)
     # Depthwise: one task per channel plane, padded once into L1/L2 (no halo recomputation).
+    # Decided on the default tile (`tile`), as it shapes the loop nest every sample shares.
     depthwise = conv.grouped and "rc" not in lp
     per_plane = depthwise and bool(task) and ext["n"] * ext["co"] // tile.co >= MIN_TASKS
     if per_plane:
@@ -396,8 +435,65 @@ def _vectorize_pad_plane(sch: s_tir.Schedule, pad, before, phases: int) -> None:
         sch.unroll(sch.get_loops(sch.get_child_blocks(cols)[0])[-1])
 
 
+# Tile kinds: ChannelTile, RowTile. A kind shapes the loop nest, so a MetaSchedule design space
+# (one trace, replayed with new decisions) holds one kind: tune with one space per kind.
+CHANNEL, ROW = 0, 1
+KINDS = (CHANNEL, ROW)
+
+
+def apply_conv2d(
+    sch: s_tir.Schedule,
+    target: Target,
+    tune: bool,
+    kind: int | None = None,
+    tile: ChannelTile | RowTile | None = None,
+) -> bool:
+    """Schedule the convolution of ``sch.mod["main"]`` in place; False if it has none.
+
+    Knobs: the tile kind (:class:`ChannelTile` only for dense convs with ``Co % 16 == 0``; the
+    kind shapes the loop nest, so it is fixed when MetaSchedule builds the design space, and
+    `kind` fixes it), then the kind's tile sizes as split factors. ``tune=False`` takes the
+    defaults of :func:`choose_tile`, or of `tile` when given.
+    """
+    conv = match_conv2d(sch)
+    if conv is None:
+        return False
+    default = tile or choose_tile(conv)
+    channel_ok = not conv.grouped and conv.extents["co"] % LANES == 0
+    if isinstance(default, ChannelTile) and (
+        conv.grouped or conv.extents["co"] % (default.vectors * LANES)
+    ):
+        return False
+    kinds = [CHANNEL, ROW] if channel_ok else [ROW]
+    default_kind = CHANNEL if isinstance(default, ChannelTile) else ROW
+    if kind is not None:
+        if kind not in kinds:
+            return False
+        kinds = [kind]
+    kind = choose(sch, kinds, default_kind if default_kind in kinds else kinds[0], tune)
+    if kind != default_kind:
+        default = ChannelTile(vectors=1, pixels=_largest_divisor(conv.extents["ow"], 14))
+        default = _row_tile(conv) if kind == ROW else default
+    try:
+        if kind == CHANNEL:
+            _schedule_channel_tile(sch, conv, _channel_knobs(sch, conv, default, tune))
+        else:
+            _schedule_row_tile(sch, conv, default, _row_knobs(sch, conv, default, tune))
+    except s_tir.ScheduleError:  # an unforeseen structure: leave it to the fallback rule
+        return False
+    return True
+
+
+def _is_conv2d(func: tirx.PrimFunc) -> bool:
+    return match_conv2d(s_tir.Schedule(func)) is not None
+
+
+SPACE = register(Space("conv2d", _is_conv2d, apply_conv2d))
+
+
 class Conv2d(dl.ScheduleRule):
-    """Schedule NCHW convolutions (dense, grouped, depthwise) with their fused epilogues.
+    """Schedule NCHW convolutions (dense, grouped, depthwise) with their fused epilogues, with
+    the default decisions of :func:`apply_conv2d`.
 
     Parameters
     ----------
@@ -412,19 +508,4 @@ class Conv2d(dl.ScheduleRule):
         if not isinstance(func, tirx.PrimFunc):
             return None
         sch = s_tir.Schedule(func)
-        conv = match_conv2d(sch)
-        if conv is None:
-            return None
-        tile = self.tile or choose_tile(conv)
-        if isinstance(tile, ChannelTile) and (
-            conv.grouped or conv.extents["co"] % (tile.vectors * LANES)
-        ):
-            return None
-        try:
-            if isinstance(tile, ChannelTile):
-                _schedule_channel_tile(sch, conv, tile)
-            else:
-                _schedule_row_tile(sch, conv, tile)
-        except s_tir.ScheduleError:  # an unforeseen structure: leave it to the fallback rule
-            return None
-        return sch
+        return sch if apply_conv2d(sch, target, False, tile=self.tile) else None

@@ -98,4 +98,4 @@ def schedule_fn(space: Space, target: Target):
 def _load_families() -> None:
     """Import the modules that register families (each registers at import)."""
     # Modules defining families are listed here as they gain design spaces.
-    from . import bsr_matmul_space  # noqa: F401
+    from . import bsr_matmul_space, conv2d, matmul  # noqa: F401

@@ -17,6 +17,11 @@ TOLERANCE = {"float32": dict(rtol=1e-5, atol=1e-5), "float16": dict(rtol=1e-3, a
 # absolute on outputs of magnitude ~1; a pruned MobileNet with outputs ~1500: 3e-3 absolute on
 # an element of 9). So atol is relative to the largest reference output ("atol_scale").
 MODEL_TOLERANCE = {"float32": dict(rtol=1e-4, atol=1e-5, atol_scale=True)}
+# Single kernels under a tuned schedule: K blocking, unrolling and tile shapes reorder sums of up
+# to 1024 (matmul) or 4608 (3x3 conv) products, so the rounding error grows with the reduction
+# length and the magnitude of the outputs (|y| ~ 30 at K = 1024 for unit normal inputs), as for
+# whole networks; elements near zero need the scaled atol, not rtol.
+SCHEDULE_TOLERANCE = MODEL_TOLERANCE
 
 
 def assert_close(
