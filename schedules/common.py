@@ -5,7 +5,7 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import SBlockInfo, normalize_prim_func
 
-from .spaces import choose
+from .spaces import choose_rv
 
 __all__ = [
     "SBlockInfo",
@@ -104,5 +104,5 @@ def choose_factor(sch: s_tir.Schedule, choices, default: int, tune: bool):
     space's instructions with fresh decisions, so only factors that reference the sampled
     variable change between candidates; a literal would freeze the first sample.
     """
-    value = choose(sch, choices, default, tune)
-    return value, sch.trace.insts[-1].outputs[0]
+    rv = choose_rv(sch, choices, default, tune)
+    return int(sch.get(rv)), rv

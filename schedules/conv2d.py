@@ -488,7 +488,7 @@ def _is_conv2d(func: tirx.PrimFunc) -> bool:
     return match_conv2d(s_tir.Schedule(func)) is not None
 
 
-SPACE = register(Space("conv2d", _is_conv2d, apply_conv2d))
+SPACE = register(Space("conv2d", _is_conv2d, apply_conv2d, structures=("kind", KINDS)))
 
 
 class Conv2d(dl.ScheduleRule):

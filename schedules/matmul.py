@@ -280,7 +280,7 @@ def _is_matmul(func: tirx.PrimFunc) -> bool:
     return red is not None and None not in _shape(red)
 
 
-SPACE = register(Space("matmul", _is_matmul, apply_matmul))
+SPACE = register(Space("matmul", _is_matmul, apply_matmul, structures=("order", ORDERS)))
 
 
 class Matmul(dl.ScheduleRule):

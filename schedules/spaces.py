@@ -55,12 +55,17 @@ class Space:
     postprocs
         MetaSchedule postprocessors for tuning (``None``: the target's defaults; sparse
         kernels need a list without ``DisallowDynamicLoop``).
+    structures
+        ``(keyword, values)`` of a choice that changes the loop nest (e.g. matmul loop orders).
+        MetaSchedule replays one trace per design space with new decisions, which cannot change
+        such a choice, so tuning gets one design space per value: ``apply(..., keyword=value)``.
     """
 
     name: str
     matches: Callable[[tirx.PrimFunc], bool]
-    apply: Callable[[s_tir.Schedule, Target, bool], bool]
+    apply: Callable[..., bool]
     postprocs: Callable[[], list] | None = None
+    structures: tuple[str, tuple] | None = None
 
 
 _SPACES: list[Space] = []
@@ -85,9 +90,16 @@ def schedule_fn(space: Space, target: Target):
     """A MetaSchedule ``ScheduleFn`` sampling `space` (no extra schedule rules)."""
     from tvm.s_tir import meta_schedule as ms
 
-    def sample(sch: s_tir.Schedule) -> None:
-        if not space.apply(sch, target, True):
+    def sample(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
+        if space.structures is None:
+            variants = [(sch, {})]
+        else:
+            keyword, values = space.structures
+            variants = [(sch.copy(), {keyword: value}) for value in values]
+        designs = [s for s, kw in variants if space.apply(s, target, True, **kw)]
+        if not designs:
             raise ValueError(f"design space {space.name!r} does not apply to this workload")
+        return designs
 
     postprocs = space.postprocs() if space.postprocs is not None else "from-target"
     return ms.space_generator.ScheduleFn(

@@ -145,19 +145,22 @@ def test_conv_random_samples_are_correct(name, kind):
     ids=["matmul", "conv2d"],
 )
 def test_search_resamples_the_knobs(case):
-    """MetaSchedule replays the design space's instructions with fresh decisions: the tile
+    """MetaSchedule replays each design space's instructions with fresh decisions: the tile
     sizes must follow them (split factors referencing the sampled variables), or every
-    candidate would be the same schedule."""
+    candidate would be the same schedule. Choices that change the loop nest (matmul order,
+    conv tile kind) get one design space each, as replay cannot change them."""
     from tvm.s_tir import meta_schedule as ms
 
     func, _, _ = case()
     generator = spaces.schedule_fn(spaces.space_for(func), TARGET)
     context = ms.TuneContext(mod=func, target=TARGET, space_generator=generator, task_name="t")
-    (space,) = context.generate_design_space()
-    without_decisions = Trace(space.trace.insts, {})
-    scripts = set()
-    for seed in (11, 12, 13, 14, 15):
-        sch = s_tir.Schedule(context.mod, seed=seed)
-        without_decisions.apply_to_schedule(sch, remove_postproc=False)
-        scripts.add(sch.mod.script())
-    assert len(scripts) > 1, "every replay with new decisions gave the same schedule"
+    designs = context.generate_design_space()
+    assert len(designs) >= 2  # 64x1024x1024: four loop orders; dense 3x3: both tile kinds
+    for space in designs:
+        without_decisions = Trace(space.trace.insts, {})
+        scripts = set()
+        for seed in (11, 12, 13, 14, 15):
+            sch = s_tir.Schedule(context.mod, seed=seed)
+            without_decisions.apply_to_schedule(sch, remove_postproc=False)
+            scripts.add(sch.mod.script())
+        assert len(scripts) > 1, "every replay with new decisions gave the same schedule"
