@@ -104,6 +104,7 @@ def int8_wx(
     out_dtype: str = "uint8",
     zp: int = 0,
     relu: bool = False,
+    rows_out: int | None = None,
 ) -> tirx.PrimFunc:
     """The kernel for one layer shape.
 
@@ -118,9 +119,12 @@ def int8_wx(
     variant
         Block rows and dense/sparse.
     nnzb
-        Stored blocks (sparse only; a buffer size, the pattern is runtime data).
+        Stored blocks (sparse only; a buffer size, the pattern itself is runtime data).
     out_dtype, zp, relu
         Output type, output zero point, ReLU fused as a clamp at the zero point.
+    rows_out
+        None: Y is [n, p] (a conv's [C, H*W]). An int M <= p: Y is [M, n], the row-major
+        MatMul output, written transposed from the tile (columns past M dropped).
 
     Returns
     -------
@@ -130,22 +134,60 @@ def int8_wx(
     r, mv = variant.rows, vectors_per_tile(variant.rows, p)
     pv, nb = mv * LANES, n // r
     lo, hi = _epilogue_bounds(out_dtype, zp, relu)
-    fzp = float(zp)
+    y_shape = (n, p) if rows_out is None else (rows_out, n)
+
+    @T.macro
+    def requant(acc, bias, scale, Y, vb, vp):
+        if rows_out is None:
+            for i in T.unroll(r):
+                for j in T.vectorized(pv):
+                    Y[vb * r + i, vp * pv + j] = T.cast(
+                        T.max(
+                            T.min(
+                                T.nearbyint(
+                                    T.cast(acc[i, j] + bias[vb * r + i], "float32")
+                                    * scale[vb * r + i]
+                                ),
+                                T.float32(hi),
+                            ),
+                            T.float32(lo),
+                        )
+                        + T.float32(zp),
+                        out_dtype,
+                    )
+        else:
+            for j in range(T.min(pv, rows_out - vp * pv)):
+                for i in T.unroll(r):
+                    Y[vp * pv + j, vb * r + i] = T.cast(
+                        T.max(
+                            T.min(
+                                T.nearbyint(
+                                    T.cast(acc[i, j] + bias[vb * r + i], "float32")
+                                    * scale[vb * r + i]
+                                ),
+                                T.float32(hi),
+                            ),
+                            T.float32(lo),
+                        )
+                        + T.float32(zp),
+                        out_dtype,
+                    )
+
     if variant.sparse:
-        func = _bsr_kernel(n, kg, p, r, mv, pv, nb, max(nnzb, 1), lo, hi, fzp, out_dtype)
+        func = _bsr_kernel(n, kg, p, r, mv, pv, nb, max(nnzb, 1), y_shape, out_dtype, requant)
     else:
-        func = _dense_kernel(n, kg, p, r, mv, pv, nb, lo, hi, fzp, out_dtype)
+        func = _dense_kernel(n, kg, p, r, mv, pv, nb, y_shape, out_dtype, requant)
     return _attrs(_tensorize(func), variant.name)
 
 
-def _dense_kernel(n, kg, p, r, mv, pv, nb, lo, hi, fzp, out_dtype):
+def _dense_kernel(n, kg, p, r, mv, pv, nb, y_shape, out_dtype, requant):
     @T.prim_func(s_tir=True)
     def kernel(
         Xp: T.Buffer((kg, p, 4), "uint8"),
         data: T.Buffer((nb, kg, r, 4), "int8"),
         bias: T.Buffer((n,), "int32"),
         scale: T.Buffer((n,), "float32"),
-        Y: T.Buffer((n, p), out_dtype),
+        Y: T.Buffer(y_shape, out_dtype),
     ):
         for br in T.parallel(nb):
             for p0 in range(p // pv):
@@ -157,7 +199,7 @@ def _dense_kernel(n, kg, p, r, mv, pv, nb, lo, hi, fzp, out_dtype):
                         bias[vb * r : vb * r + r],
                         scale[vb * r : vb * r + r],
                     )
-                    T.writes(Y[vb * r : vb * r + r, vp * pv : vp * pv + pv])
+                    T.writes(Y[0 : y_shape[0], 0 : y_shape[1]])
                     acc = T.sblock_alloc_buffer((r, pv), "int32", scope="global")
                     for i in T.unroll(r):
                         for j in T.vectorized(pv):
@@ -173,27 +215,12 @@ def _dense_kernel(n, kg, p, r, mv, pv, nb, lo, hi, fzp, out_dtype):
                                         acc[vi, vv * 16 + vl] = acc[vi, vv * 16 + vl] + T.cast(
                                             Xp[vg, vp * pv + vv * 16 + vl, ve], "int32"
                                         ) * T.cast(data[vb, vg, vi, ve], "int32")
-                    for i in T.unroll(r):
-                        for j in T.vectorized(pv):
-                            Y[vb * r + i, vp * pv + j] = T.cast(
-                                T.max(
-                                    T.min(
-                                        T.nearbyint(
-                                            T.cast(acc[i, j] + bias[vb * r + i], "float32")
-                                            * scale[vb * r + i]
-                                        ),
-                                        T.float32(hi),
-                                    ),
-                                    T.float32(lo),
-                                )
-                                + T.float32(fzp),
-                                out_dtype,
-                            )
+                    requant(acc, bias, scale, Y, vb, vp)
 
     return kernel
 
 
-def _bsr_kernel(n, kg, p, r, mv, pv, nb, nnzb, lo, hi, fzp, out_dtype):
+def _bsr_kernel(n, kg, p, r, mv, pv, nb, nnzb, y_shape, out_dtype, requant):
     @T.prim_func(s_tir=True)
     def kernel(
         Xp: T.Buffer((kg, p, 4), "uint8"),
@@ -202,7 +229,7 @@ def _bsr_kernel(n, kg, p, r, mv, pv, nb, nnzb, lo, hi, fzp, out_dtype):
         indptr: T.Buffer((nb + 1,), "int32"),
         bias: T.Buffer((n,), "int32"),
         scale: T.Buffer((n,), "float32"),
-        Y: T.Buffer((n, p), out_dtype),
+        Y: T.Buffer(y_shape, out_dtype),
     ):
         for br in T.parallel(nb):
             for p0 in range(p // pv):
@@ -216,7 +243,7 @@ def _bsr_kernel(n, kg, p, r, mv, pv, nb, nnzb, lo, hi, fzp, out_dtype):
                         bias[vb * r : vb * r + r],
                         scale[vb * r : vb * r + r],
                     )
-                    T.writes(Y[vb * r : vb * r + r, vp * pv : vp * pv + pv])
+                    T.writes(Y[0 : y_shape[0], 0 : y_shape[1]])
                     acc = T.sblock_alloc_buffer((r, pv), "int32", scope="global")
                     for i in T.unroll(r):
                         for j in T.vectorized(pv):
@@ -232,21 +259,6 @@ def _bsr_kernel(n, kg, p, r, mv, pv, nb, nnzb, lo, hi, fzp, out_dtype):
                                         acc[vi, vv * 16 + vl] = acc[vi, vv * 16 + vl] + T.cast(
                                             Xp[col, vp * pv + vv * 16 + vl, ve], "int32"
                                         ) * T.cast(data[vj, vi, ve], "int32")
-                    for i in T.unroll(r):
-                        for j in T.vectorized(pv):
-                            Y[vb * r + i, vp * pv + j] = T.cast(
-                                T.max(
-                                    T.min(
-                                        T.nearbyint(
-                                            T.cast(acc[i, j] + bias[vb * r + i], "float32")
-                                            * scale[vb * r + i]
-                                        ),
-                                        T.float32(hi),
-                                    ),
-                                    T.float32(lo),
-                                )
-                                + T.float32(fzp),
-                                out_dtype,
-                            )
+                    requant(acc, bias, scale, Y, vb, vp)
 
     return kernel

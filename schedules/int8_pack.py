@@ -1,0 +1,92 @@
+"""Activation packing for the int8 VNNI kernels: (u)int8 -> uint8 ``Xp[K/4, P, 4]`` (K-major).
+
+Both packers write 32-bit words (4 reduction bytes of one column) through an int32 view of the
+output, so the byte interleave becomes word arithmetic that vectorizes: ``from_kmajor`` (a
+pointwise NCHW conv input [C, H*W]) zero-extends 4 rows and shifts them into one word per
+column; ``from_rowmajor`` (a MatMul input [M, K], whose 4 consecutive bytes of a row already
+are one word) is a word transpose. int8 activations are shifted into uint8 by flipping each
+byte's top bit (x + 128); the kernels' zero-point correction accounts for it.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from tvm_sparse._compat import ATTR_NOALIAS, ATTR_SCHEDULED
+
+from .int8_vnni import GROUP, LANES
+
+_SIGN_FLIP = -2139062144  # 0x80808080 as int32
+
+
+def _padded(k: int, p: int) -> tuple[int, int]:
+    return -(-k // GROUP), -(-p // LANES) * LANES
+
+
+def _attrs(func: tirx.PrimFunc, name: str) -> tirx.PrimFunc:
+    func = func.without_attr("global_symbol")
+    return func.with_attrs({ATTR_NOALIAS: True, ATTR_SCHEDULED: True, "tvm_sparse.kernel": name})
+
+
+def from_kmajor(k: int, p: int, dtype: str = "uint8") -> tirx.PrimFunc:
+    """X[K, P] -> Xp[ceil(K/4), ceil(P/16)*16, 4], zero padded (K % 4 == 0 required)."""
+    kg, pp = _padded(k, p)
+    if k % GROUP:
+        raise ValueError(f"reduction length {k} is not a multiple of {GROUP}")
+    flip = _SIGN_FLIP if dtype == "int8" else 0
+    body = p // LANES * LANES
+
+    @T.prim_func(s_tir=True)
+    def kernel(X: T.Buffer((k, p), dtype), Xp: T.Buffer((kg, pp, 4), "uint8")):
+        words = T.decl_buffer((kg, pp), "int32", data=Xp.data)
+        for g in T.parallel(kg):
+            for v in range(body // LANES):
+                for j in T.vectorized(LANES):
+                    words[g, v * LANES + j] = T.bitwise_xor(
+                        T.cast(T.cast(X[g * 4, v * LANES + j], "uint8"), "int32")
+                        | T.shift_left(
+                            T.cast(T.cast(X[g * 4 + 1, v * LANES + j], "uint8"), "int32"), 8
+                        )
+                        | T.shift_left(
+                            T.cast(T.cast(X[g * 4 + 2, v * LANES + j], "uint8"), "int32"), 16
+                        )
+                        | T.shift_left(
+                            T.cast(T.cast(X[g * 4 + 3, v * LANES + j], "uint8"), "int32"), 24
+                        ),
+                        flip,
+                    )
+            for j in range(pp - body):
+                words[g, body + j] = 0
+                if body + j < p:
+                    words[g, body + j] = T.bitwise_xor(
+                        T.cast(T.cast(X[g * 4, body + j], "uint8"), "int32")
+                        | T.shift_left(T.cast(T.cast(X[g * 4 + 1, body + j], "uint8"), "int32"), 8)
+                        | T.shift_left(T.cast(T.cast(X[g * 4 + 2, body + j], "uint8"), "int32"), 16)
+                        | T.shift_left(
+                            T.cast(T.cast(X[g * 4 + 3, body + j], "uint8"), "int32"), 24
+                        ),
+                        flip,
+                    )
+
+    return _attrs(kernel, f"pack_kmajor_{dtype}")
+
+
+def from_rowmajor(m: int, k: int, dtype: str = "uint8") -> tirx.PrimFunc:
+    """X[M, K] -> Xp[K/4, ceil(M/16)*16, 4] (K % 4 == 0 required): a transpose of words."""
+    kg, mp = _padded(k, m)
+    if k % GROUP:
+        raise ValueError(f"reduction length {k} is not a multiple of {GROUP}")
+    flip = _SIGN_FLIP if dtype == "int8" else 0
+
+    @T.prim_func(s_tir=True)
+    def kernel(X: T.Buffer((m, k), dtype), Xp: T.Buffer((kg, mp, 4), "uint8")):
+        src = T.decl_buffer((m, kg), "int32", data=X.data)
+        words = T.decl_buffer((kg, mp), "int32", data=Xp.data)
+        for g in T.parallel(kg):
+            for i in range(mp):
+                words[g, i] = 0
+                if i < m:
+                    words[g, i] = T.bitwise_xor(src[i, g], flip)
+
+    return _attrs(kernel, f"pack_rowmajor_{dtype}")
