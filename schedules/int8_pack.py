@@ -24,9 +24,19 @@ def _padded(k: int, p: int) -> tuple[int, int]:
     return -(-k // GROUP), -(-p // LANES) * LANES
 
 
+OPAQUE = 8  # relax OpPatternKind kOpaque: FuseOps must not merge a packer (it aliases buffers)
+
+
 def _attrs(func: tirx.PrimFunc, name: str) -> tirx.PrimFunc:
     func = func.without_attr("global_symbol")
-    return func.with_attrs({ATTR_NOALIAS: True, ATTR_SCHEDULED: True, "tvm_sparse.kernel": name})
+    return func.with_attrs(
+        {
+            ATTR_NOALIAS: True,
+            ATTR_SCHEDULED: True,
+            "tvm_sparse.kernel": name,
+            "op_pattern": OPAQUE,
+        }
+    )
 
 
 def from_kmajor(k: int, p: int, dtype: str = "uint8") -> tirx.PrimFunc:
@@ -39,35 +49,42 @@ def from_kmajor(k: int, p: int, dtype: str = "uint8") -> tirx.PrimFunc:
 
     @T.prim_func(s_tir=True)
     def kernel(X: T.Buffer((k, p), dtype), Xp: T.Buffer((kg, pp, 4), "uint8")):
-        words = T.decl_buffer((kg, pp), "int32", data=Xp.data)
-        for g in T.parallel(kg):
-            for v in range(body // LANES):
-                for j in T.vectorized(LANES):
-                    words[g, v * LANES + j] = T.bitwise_xor(
-                        T.cast(T.cast(X[g * 4, v * LANES + j], "uint8"), "int32")
-                        | T.shift_left(
-                            T.cast(T.cast(X[g * 4 + 1, v * LANES + j], "uint8"), "int32"), 8
+        with T.sblock("root"):
+            T.reads(X[0:k, 0:p])
+            T.writes(Xp[0:kg, 0:pp, 0:4])
+            words = T.decl_buffer((kg, pp), "int32", data=Xp.data)
+            for g in T.parallel(kg):
+                for v in range(body // LANES):
+                    for j in T.vectorized(LANES):
+                        words[g, v * LANES + j] = T.bitwise_xor(
+                            T.cast(T.cast(X[g * 4, v * LANES + j], "uint8"), "int32")
+                            | T.shift_left(
+                                T.cast(T.cast(X[g * 4 + 1, v * LANES + j], "uint8"), "int32"), 8
+                            )
+                            | T.shift_left(
+                                T.cast(T.cast(X[g * 4 + 2, v * LANES + j], "uint8"), "int32"), 16
+                            )
+                            | T.shift_left(
+                                T.cast(T.cast(X[g * 4 + 3, v * LANES + j], "uint8"), "int32"), 24
+                            ),
+                            flip,
                         )
-                        | T.shift_left(
-                            T.cast(T.cast(X[g * 4 + 2, v * LANES + j], "uint8"), "int32"), 16
+                for j in range(pp - body):
+                    words[g, body + j] = 0
+                    if body + j < p:
+                        words[g, body + j] = T.bitwise_xor(
+                            T.cast(T.cast(X[g * 4, body + j], "uint8"), "int32")
+                            | T.shift_left(
+                                T.cast(T.cast(X[g * 4 + 1, body + j], "uint8"), "int32"), 8
+                            )
+                            | T.shift_left(
+                                T.cast(T.cast(X[g * 4 + 2, body + j], "uint8"), "int32"), 16
+                            )
+                            | T.shift_left(
+                                T.cast(T.cast(X[g * 4 + 3, body + j], "uint8"), "int32"), 24
+                            ),
+                            flip,
                         )
-                        | T.shift_left(
-                            T.cast(T.cast(X[g * 4 + 3, v * LANES + j], "uint8"), "int32"), 24
-                        ),
-                        flip,
-                    )
-            for j in range(pp - body):
-                words[g, body + j] = 0
-                if body + j < p:
-                    words[g, body + j] = T.bitwise_xor(
-                        T.cast(T.cast(X[g * 4, body + j], "uint8"), "int32")
-                        | T.shift_left(T.cast(T.cast(X[g * 4 + 1, body + j], "uint8"), "int32"), 8)
-                        | T.shift_left(T.cast(T.cast(X[g * 4 + 2, body + j], "uint8"), "int32"), 16)
-                        | T.shift_left(
-                            T.cast(T.cast(X[g * 4 + 3, body + j], "uint8"), "int32"), 24
-                        ),
-                        flip,
-                    )
 
     return _attrs(kernel, f"pack_kmajor_{dtype}")
 
@@ -81,12 +98,15 @@ def from_rowmajor(m: int, k: int, dtype: str = "uint8") -> tirx.PrimFunc:
 
     @T.prim_func(s_tir=True)
     def kernel(X: T.Buffer((m, k), dtype), Xp: T.Buffer((kg, mp, 4), "uint8")):
-        src = T.decl_buffer((m, kg), "int32", data=X.data)
-        words = T.decl_buffer((kg, mp), "int32", data=Xp.data)
-        for g in T.parallel(kg):
-            for i in range(mp):
-                words[g, i] = 0
-                if i < m:
-                    words[g, i] = T.bitwise_xor(src[i, g], flip)
+        with T.sblock("root"):
+            T.reads(X[0:m, 0:k])
+            T.writes(Xp[0:kg, 0:mp, 0:4])
+            src = T.decl_buffer((m, kg), "int32", data=X.data)
+            words = T.decl_buffer((kg, mp), "int32", data=Xp.data)
+            for g in T.parallel(kg):
+                for i in range(mp):
+                    words[g, i] = 0
+                    if i < m:
+                        words[g, i] = T.bitwise_xor(src[i, g], flip)
 
     return _attrs(kernel, f"pack_rowmajor_{dtype}")
