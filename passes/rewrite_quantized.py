@@ -39,7 +39,16 @@ from tvm_sparse.schedules.int8_vnni import GROUP, LANES
 
 _OPS = {
     name: tvm.ir.Op.get(f"relax.{name}")
-    for name in ("quantize", "dequantize", "matmul", "add", "reshape", "nn.conv2d", "nn.relu")
+    for name in (
+        "quantize",
+        "dequantize",
+        "matmul",
+        "add",
+        "reshape",
+        "permute_dims",
+        "nn.conv2d",
+        "nn.relu",
+    )
 }
 
 
@@ -150,7 +159,10 @@ def match(q_call: relax.Call, bindings: dict) -> tuple[QuantLayer, relax.Expr] |
     if not isinstance(node, relax.Call) or node.op not in (_OPS["matmul"], _OPS["nn.conv2d"]):
         return None
     conv = node.op == _OPS["nn.conv2d"]
-    x_dq, w_dq = (_dequantized(a, bindings) for a in node.args[:2])
+    w_expr, transposed = _bound(node.args[1], bindings), False
+    if not conv and isinstance(w_expr, relax.Call) and w_expr.op == _OPS["permute_dims"]:
+        w_expr, transposed = w_expr.args[0], True  # Gemm transB=1: the weight is [N, K]
+    x_dq, w_dq = _dequantized(node.args[0], bindings), _dequantized(w_expr, bindings)
     if x_dq is None or w_dq is None:
         return None
     x_q, x_scale, x_zp, _ = x_dq
@@ -176,8 +188,9 @@ def match(q_call: relax.Call, bindings: dict) -> tuple[QuantLayer, relax.Expr] |
     else:
         if len(x_shape) != 2 or w_q.ndim != 2:
             return None
-        weight, hw, columns, kind = np.ascontiguousarray(w_q.T), None, x_shape[0], "matmul"
-        axis_ok = w_scale.size == 1 or w_dq[3] % 2 == 1
+        weight = w_q if transposed else np.ascontiguousarray(w_q.T)
+        hw, columns, kind = None, x_shape[0], "matmul"
+        axis_ok = w_scale.size == 1 or w_dq[3] % 2 == (0 if transposed else 1)
     n, k = weight.shape
     if not axis_ok or k % GROUP or w_scale.size not in (1, n):
         return None
