@@ -16,6 +16,11 @@ Requantization follows ONNX Runtime's integer kernels: ``acc`` = int32 sum of
 instead rounds ``x_scale * w_scale * acc`` and divides by y_scale; the two can differ by one
 quantisation step where the product lands next to a .5 boundary.
 
+QOperator files are matched too: QLinearMatMul and QLinearConv as `tvm_sparse.frontend.quant`
+imports them (int32 matmul/conv of the shifted activation and the folded constant weight,
+requantized in float64 as the ONNX reference does); the kernels requantize in float32 as ONNX
+Runtime does, so a result next to a .5 boundary may differ by one step from the float64 form.
+
 Matched: 2-D MatMul (and Gemm after import), batch-1 pointwise NCHW convs (1x1, stride 1, no
 padding, one group) with symmetric int8 weights (per tensor or per output channel) and per-tensor
 activation parameters, reduction length a multiple of 4. Everything else stays as imported.
@@ -48,6 +53,11 @@ _OPS = {
         "permute_dims",
         "nn.conv2d",
         "nn.relu",
+        "astype",
+        "subtract",
+        "multiply",
+        "clip",
+        "round",
     )
 }
 
@@ -91,6 +101,9 @@ def _const_value(expr, bindings) -> np.ndarray | None:
         value = _const_value(expr.args[0], bindings)
         shape = [int(d) for d in expr.ty.shape.values]
         return None if value is None else value.reshape(shape)
+    if expr.op == _OPS["astype"]:
+        value = _const_value(expr.args[0], bindings)
+        return None if value is None else value.astype(str(expr.ty.dtype))
     if expr.op == _OPS["dequantize"]:
         parts = [_const_value(a, bindings) for a in expr.args[:3]]
         if any(p is None for p in parts):
@@ -220,6 +233,101 @@ def match(q_call: relax.Call, bindings: dict) -> tuple[QuantLayer, relax.Expr] |
     return layer, x_q
 
 
+def _call_of(expr, bindings, op: str):
+    """`expr` (through its binding) if it is a call to relax op `op`, else None."""
+    expr = _bound(expr, bindings)
+    return expr if isinstance(expr, relax.Call) and expr.op == _OPS[op] else None
+
+
+def _int32_activation(expr, bindings):
+    """(x_q, x_zp) for ``astype(x_q, int32)`` or ``astype(x_q, int32) - zp`` (QLinear* import)."""
+    zp = np.zeros(1, np.int64)
+    sub = _call_of(expr, bindings, "subtract")
+    if sub is not None:
+        zp = _const_value(sub.args[1], bindings)
+        if zp is None or zp.size != 1:
+            return None
+        expr = sub.args[0]
+    cast = _call_of(expr, bindings, "astype")
+    if cast is None or str(cast.ty.dtype) != "int32":
+        return None
+    x_q = cast.args[0]
+    if isinstance(_bound(x_q, bindings), Constant) or str(x_q.ty.dtype) not in ("uint8", "int8"):
+        return None
+    return x_q, int(zp.reshape(()))
+
+
+def match_qlinear(out: relax.Call, bindings: dict) -> tuple[QuantLayer, relax.Expr] | None:
+    """The layer of an imported QLinearMatMul / QLinearConv (`tvm_sparse.frontend.quant`):
+    ``astype(clip(round(float64(acc) * mult [+ y_zp])), (u)int8)``, acc an int32 matmul or
+    conv of the shifted activation and a constant weight (plus an int32 bias for convs)."""
+    if not (isinstance(out, relax.Call) and out.op == _OPS["astype"]):
+        return None
+    y_dtype = str(out.ty.dtype)
+    clip = _call_of(out.args[0], bindings, "clip")
+    rounded = None if clip is None else _call_of(clip.args[0], bindings, "round")
+    if y_dtype not in ("uint8", "int8") or rounded is None:
+        return None
+    real, y_zp = rounded.args[0], np.zeros(1)
+    add = _call_of(real, bindings, "add")
+    if add is not None:
+        real, y_zp = add.args[0], _const_value(add.args[1], bindings)
+    mul = _call_of(real, bindings, "multiply")
+    if mul is None:
+        return None
+    acc64 = _call_of(mul.args[0], bindings, "astype")
+    mult = _const_value(mul.args[1], bindings)
+    if acc64 is None or mult is None or y_zp is None or y_zp.size != 1:
+        return None
+    acc, bias = _bound(acc64.args[0], bindings), None
+    if isinstance(acc, relax.Call) and acc.op == _OPS["add"]:
+        bias, acc = _const_value(acc.args[1], bindings), _bound(acc.args[0], bindings)
+        if bias is None:
+            return None
+    if not isinstance(acc, relax.Call) or acc.op not in (_OPS["matmul"], _OPS["nn.conv2d"]):
+        return None
+    found = _int32_activation(acc.args[0], bindings)
+    w = _const_value(acc.args[1], bindings)
+    if found is None or w is None or w.min() < -128 or w.max() > 127:
+        return None
+    x_q, x_zp = found
+    x_shape = [int(d) for d in x_q.ty.shape.values]
+    if acc.op == _OPS["nn.conv2d"]:
+        if not _pointwise(acc) or w.shape[2:] != (1, 1) or x_shape[0] != 1:
+            return None
+        weight, hw, kind = w[:, :, 0, 0], (x_shape[2], x_shape[3]), "conv1x1"
+    else:
+        if len(x_shape) != 2 or w.ndim != 2:
+            return None
+        weight, hw, kind = np.ascontiguousarray(w.T), None, "matmul"
+    weight = weight.astype(np.int8)
+    n, k = weight.shape
+    if k % GROUP or mult.size not in (1, n) or (bias is not None and bias.size != n):
+        return None
+    scale = np.broadcast_to(mult.reshape(-1), (n,)).astype(np.float32)
+    bias = np.zeros(n, np.int32) if bias is None else bias.reshape(-1).astype(np.int32)
+    digest = hashlib.sha1(weight.tobytes() + scale.tobytes()).hexdigest()[:16]
+    layer = QuantLayer(
+        key=f"q{n}x{k}:{digest}",
+        kind=kind,
+        weight=weight,
+        columns=hw[0] * hw[1] if hw else x_shape[0],
+        x_dtype=str(x_q.ty.dtype),
+        x_zp=x_zp,
+        bias=bias,
+        scale=scale,
+        y_dtype=y_dtype,
+        y_zp=int(y_zp.reshape(())),
+        hw=hw,
+    )
+    return layer, x_q
+
+
+def match_any(call, bindings):
+    """A QDQ group or an imported QLinearMatMul/QLinearConv ending at `call`, or None."""
+    return match(call, bindings) or match_qlinear(call, bindings)
+
+
 def _collect_bindings(func: relax.Function) -> dict:
     bindings = {}
     for block in func.body.blocks:
@@ -237,7 +345,7 @@ def collect_quantized_layers(mod: tvm.IRModule) -> list[QuantLayer]:
             continue
         bindings = _collect_bindings(func)
         for value in bindings.values():
-            found = match(value, bindings)
+            found = match_any(value, bindings)
             if found is not None:
                 out.setdefault(found[0].key, found[0])
     return list(out.values())
@@ -315,7 +423,7 @@ class _Rewriter(PyExprMutator):
         self.plan, self.bindings = plan, bindings
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
-        found = match(call, self.bindings)
+        found = match_any(call, self.bindings)
         if found is None or found[0].key not in self.plan:
             return super().visit_call_(call)
         layer, x_q = found

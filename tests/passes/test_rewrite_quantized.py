@@ -39,8 +39,13 @@ class _Reader(CalibrationDataReader):
         return next(self._it, None)
 
 
-def quantize(model: onnx.ModelProto, activation=QuantType.QUInt8, per_channel=True):
-    """ORT quantize_static, QDQ format: the files users ship."""
+def quantize(
+    model: onnx.ModelProto,
+    activation=QuantType.QUInt8,
+    per_channel=True,
+    quant_format=QuantFormat.QDQ,
+):
+    """ORT quantize_static (QDQ format unless told): the files users ship."""
     inp = model.graph.input[0]
     shape = [d.dim_value for d in inp.type.tensor_type.shape.dim]
     with tempfile.TemporaryDirectory() as tmp:
@@ -50,7 +55,7 @@ def quantize(model: onnx.ModelProto, activation=QuantType.QUInt8, per_channel=Tr
             src,
             dst,
             _Reader(inp.name, shape),
-            quant_format=QuantFormat.QDQ,
+            quant_format=quant_format,
             per_channel=per_channel,
             activation_type=activation,
             weight_type=QuantType.QInt8,
@@ -110,7 +115,7 @@ def output_step(qdq: onnx.ModelProto) -> float:
     consts = {t.name: numpy_helper.to_array(t) for t in qdq.graph.initializer}
     node = next(n for n in qdq.graph.node if qdq.graph.output[0].name in n.output)
     assert node.op_type == "DequantizeLinear"
-    return float(consts[node.input[1]])
+    return float(consts[node.input[1]].reshape(-1)[0])
 
 
 def kernels(mod) -> list[str]:
@@ -188,3 +193,51 @@ def test_reduction_not_multiple_of_4_stays_float():
     qdq = quantize(mlp(k=30))
     layers = collect_quantized_layers(from_onnx(qdq, None))
     assert [layer.shape for layer in layers] == [(32, 40)]  # only the Gemm (K = 40)
+
+
+def conv_chain(seed=0) -> onnx.ModelProto:
+    """1x1 conv -> 3x3 conv -> 1x1 conv -> MatMul (flattened pixels), biases, no pooling: every
+    op has a standard QOperator form (ORT writes com.microsoft ops for pooling and Add)."""
+    rng = np.random.default_rng(seed)
+
+    def w(*shape):
+        return examples.prune_out_in(
+            rng.standard_normal((shape[0], int(np.prod(shape[1:])))).astype(np.float32), 0.9, (1, 4)
+        ).reshape(shape)
+
+    inits = {
+        "w1": w(16, 8, 1, 1),
+        "b1": rng.standard_normal(16).astype(np.float32),
+        "w2": rng.standard_normal((16, 16, 3, 3)).astype(np.float32) * 0.2,
+        "w3": w(24, 16, 1, 1),
+        "b3": rng.standard_normal(24).astype(np.float32),
+        "wm": rng.standard_normal((36, 20)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["c2", "w3", "b3"], ["c3"]),
+        helper.make_node("Reshape", ["c3", "shape"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "wm"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "convs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [24, 20])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()]
+        + [numpy_helper.from_array(np.array([24, 36], np.int64), "shape")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("variant", [DENSE, BSR4], ids=lambda v: v.name)
+def test_qoperator_models_match_ort(variant):
+    """QOperator files: QLinearConv / QLinearMatMul as our importer builds them, too."""
+    qop = quantize(conv_chain(), quant_format=QuantFormat.QOperator)
+    assert {"QLinearConv", "QLinearMatMul"} <= {n.op_type for n in qop.graph.node}
+    ours, ref, rewritten, layers = run_both(qop, variant)
+    assert [layer.kind for layer in layers] == ["conv1x1", "conv1x1", "matmul"]
+    assert "R.nn.conv2d" in rewritten.script(show_meta=False)  # the 3x3 conv stays
+    assert_within_one_step(ours, ref, qop)
