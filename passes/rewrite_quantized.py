@@ -388,9 +388,9 @@ def emit_int8(bb: relax.BlockBuilder, layer: QuantLayer, variant: Int8Variant, x
     if layer.kind == "matmul":
         pack = int8_pack.from_rowmajor(p, k, layer.x_dtype)
         operand = x_q
-    else:
-        pack = int8_pack.from_kmajor(k, p, layer.x_dtype)
-        operand = bb.emit(relax.op.reshape(x_q, [k, p]))
+    else:  # reads and writes NCHW directly: a reshape here would cost a copy
+        pack = int8_pack.from_kmajor(k, p, layer.x_dtype, hw=layer.hw)
+        operand = x_q
     pack_gv = bb.add_func(pack, f"{pack.attrs['tvm_sparse.kernel']}_{tag}")
     xp = bb.emit(
         relax.call_tir(pack_gv, [operand], relax.TensorType([k // GROUP, pp, GROUP], "uint8"))
@@ -399,21 +399,26 @@ def emit_int8(bb: relax.BlockBuilder, layer: QuantLayer, variant: Int8Variant, x
     bias, scale = epilogue_operands(layer, npad)
     rows_out = p if layer.kind == "matmul" else None
     func = int8_matmul.int8_wx(
-        npad, k // GROUP, pp, variant, nnzb, layer.y_dtype, layer.y_zp, layer.relu, rows_out
+        npad,
+        k // GROUP,
+        pp,
+        variant,
+        nnzb,
+        layer.y_dtype,
+        layer.y_zp,
+        layer.relu,
+        rows_out=rows_out,
+        conv_hw=layer.hw,
     )
     func = func.with_attr("tvm_sparse.layer_key", layer.key)
     gv = bb.add_func(func, f"{variant.name}_{tag}")
     args = [xp] + [relax.const(w, str(w.dtype)) for w in weights]
     args += [relax.const(bias, "int32"), relax.const(scale, "float32")]
-    out_shape = [p, npad] if rows_out is not None else [npad, pp]
+    out_shape = [p, npad] if rows_out is not None else [1, npad, *layer.hw]
     y = bb.emit(relax.call_tir(gv, args, relax.TensorType(out_shape, layer.y_dtype)))
-    if layer.kind == "matmul":
-        if npad != n:
-            y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n]))
-        return y
-    if npad != n or pp != p:
-        y = bb.emit(relax.op.strided_slice(y, axes=[0, 1], begin=[0, 0], end=[n, p]))
-    return relax.op.reshape(y, [1, n, *layer.hw])
+    if npad != n:  # rows padded to the block height (columns of a MatMul, channels of a conv)
+        y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n]))
+    return y
 
 
 @mutator

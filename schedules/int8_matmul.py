@@ -105,6 +105,7 @@ def int8_wx(
     zp: int = 0,
     relu: bool = False,
     rows_out: int | None = None,
+    conv_hw: tuple[int, int] | None = None,
 ) -> tirx.PrimFunc:
     """The kernel for one layer shape.
 
@@ -125,6 +126,8 @@ def int8_wx(
     rows_out
         None: Y is [n, p] (a conv's [C, H*W]). An int M <= p: Y is [M, n], the row-major
         MatMul output, written transposed from the tile (columns past M dropped).
+    conv_hw
+        (H, W) with H * W <= p: Y is the NCHW conv output [1, n, H, W] (no reshape copy).
 
     Returns
     -------
@@ -135,43 +138,40 @@ def int8_wx(
     pv, nb = mv * LANES, n // r
     lo, hi = _epilogue_bounds(out_dtype, zp, relu)
     y_shape = (n, p) if rows_out is None else (rows_out, n)
+    if conv_hw is not None:
+        y_shape = (1, n, *conv_hw)
+    p_valid = conv_hw[0] * conv_hw[1] if conv_hw else p
+
+    def q(acc_v, bias_v, scale_v):
+        real = tirx.Cast("float32", acc_v + bias_v) * scale_v
+        clamped = tirx.max(tirx.min(tirx.nearbyint(real), tirx.const(hi, "float32")), lo)
+        return tirx.Cast(out_dtype, clamped + tirx.const(float(zp), "float32"))
 
     @T.macro
     def requant(acc, bias, scale, Y, vb, vp):
-        if rows_out is None:
+        if conv_hw is not None:  # Y is [1, n, H, W]: write it through a flat [n, H*W] view
+            flat = T.decl_buffer((n, p_valid), out_dtype, data=Y.data)
+            for i in T.unroll(r):
+                for v in T.unroll(mv):
+                    if vp * pv + v * 16 + 16 <= p_valid:
+                        for j in T.vectorized(16):
+                            flat[vb * r + i, vp * pv + v * 16 + j] = q(
+                                acc[i, v * 16 + j], bias[vb * r + i], scale[vb * r + i]
+                            )
+                    else:
+                        for j in range(16):
+                            if vp * pv + v * 16 + j < p_valid:
+                                flat[vb * r + i, vp * pv + v * 16 + j] = q(
+                                    acc[i, v * 16 + j], bias[vb * r + i], scale[vb * r + i]
+                                )
+        elif rows_out is None:
             for i in T.unroll(r):
                 for j in T.vectorized(pv):
-                    Y[vb * r + i, vp * pv + j] = T.cast(
-                        T.max(
-                            T.min(
-                                T.nearbyint(
-                                    T.cast(acc[i, j] + bias[vb * r + i], "float32")
-                                    * scale[vb * r + i]
-                                ),
-                                T.float32(hi),
-                            ),
-                            T.float32(lo),
-                        )
-                        + T.float32(zp),
-                        out_dtype,
-                    )
+                    Y[vb * r + i, vp * pv + j] = q(acc[i, j], bias[vb * r + i], scale[vb * r + i])
         else:
             for j in range(T.min(pv, rows_out - vp * pv)):
                 for i in T.unroll(r):
-                    Y[vp * pv + j, vb * r + i] = T.cast(
-                        T.max(
-                            T.min(
-                                T.nearbyint(
-                                    T.cast(acc[i, j] + bias[vb * r + i], "float32")
-                                    * scale[vb * r + i]
-                                ),
-                                T.float32(hi),
-                            ),
-                            T.float32(lo),
-                        )
-                        + T.float32(zp),
-                        out_dtype,
-                    )
+                    Y[vp * pv + j, vb * r + i] = q(acc[i, j], bias[vb * r + i], scale[vb * r + i])
 
     if variant.sparse:
         func = _bsr_kernel(n, kg, p, r, mv, pv, nb, max(nnzb, 1), y_shape, out_dtype, requant)
@@ -181,6 +181,8 @@ def int8_wx(
 
 
 def _dense_kernel(n, kg, p, r, mv, pv, nb, y_shape, out_dtype, requant):
+    y_all = tuple(slice(0, d) for d in y_shape)
+
     @T.prim_func(s_tir=True)
     def kernel(
         Xp: T.Buffer((kg, p, 4), "uint8"),
@@ -199,7 +201,7 @@ def _dense_kernel(n, kg, p, r, mv, pv, nb, y_shape, out_dtype, requant):
                         bias[vb * r : vb * r + r],
                         scale[vb * r : vb * r + r],
                     )
-                    T.writes(Y[0 : y_shape[0], 0 : y_shape[1]])
+                    T.writes(Y[y_all])
                     acc = T.sblock_alloc_buffer((r, pv), "int32", scope="global")
                     for i in T.unroll(r):
                         for j in T.vectorized(pv):
@@ -221,6 +223,8 @@ def _dense_kernel(n, kg, p, r, mv, pv, nb, y_shape, out_dtype, requant):
 
 
 def _bsr_kernel(n, kg, p, r, mv, pv, nb, nnzb, y_shape, out_dtype, requant):
+    y_all = tuple(slice(0, d) for d in y_shape)
+
     @T.prim_func(s_tir=True)
     def kernel(
         Xp: T.Buffer((kg, p, 4), "uint8"),
@@ -243,7 +247,7 @@ def _bsr_kernel(n, kg, p, r, mv, pv, nb, nnzb, y_shape, out_dtype, requant):
                         bias[vb * r : vb * r + r],
                         scale[vb * r : vb * r + r],
                     )
-                    T.writes(Y[0 : y_shape[0], 0 : y_shape[1]])
+                    T.writes(Y[y_all])
                     acc = T.sblock_alloc_buffer((r, pv), "int32", scope="global")
                     for i in T.unroll(r):
                         for j in T.vectorized(pv):

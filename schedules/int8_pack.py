@@ -39,52 +39,43 @@ def _attrs(func: tirx.PrimFunc, name: str) -> tirx.PrimFunc:
     )
 
 
-def from_kmajor(k: int, p: int, dtype: str = "uint8") -> tirx.PrimFunc:
-    """X[K, P] -> Xp[ceil(K/4), ceil(P/16)*16, 4], zero padded (K % 4 == 0 required)."""
+def from_kmajor(
+    k: int, p: int, dtype: str = "uint8", hw: tuple[int, int] | None = None
+) -> tirx.PrimFunc:
+    """X[K, P] (or, with `hw`, the NCHW tensor [1, K, H, W], P = H * W) ->
+    Xp[K/4, ceil(P/16)*16, 4], zero padded (K % 4 == 0 required)."""
     kg, pp = _padded(k, p)
     if k % GROUP:
         raise ValueError(f"reduction length {k} is not a multiple of {GROUP}")
     flip = _SIGN_FLIP if dtype == "int8" else 0
     body = p // LANES * LANES
+    x_shape = (1, k, *hw) if hw else (k, p)
+    x_all = tuple(slice(0, d) for d in x_shape)
+
+    def load(X, row, col):
+        return tirx.Cast("int32", tirx.Cast("uint8", X[row, col]))
+
+    def word(X, g, col):
+        value = load(X, g * 4, col)
+        for e in (1, 2, 3):
+            value = value | tirx.shift_left(load(X, g * 4 + e, col), 8 * e)
+        return tirx.bitwise_xor(value, flip)
 
     @T.prim_func(s_tir=True)
-    def kernel(X: T.Buffer((k, p), dtype), Xp: T.Buffer((kg, pp, 4), "uint8")):
+    def kernel(X: T.Buffer(x_shape, dtype), Xp: T.Buffer((kg, pp, 4), "uint8")):
         with T.sblock("root"):
-            T.reads(X[0:k, 0:p])
+            T.reads(X[x_all])
             T.writes(Xp[0:kg, 0:pp, 0:4])
             words = T.decl_buffer((kg, pp), "int32", data=Xp.data)
+            flat = T.decl_buffer((k, p), dtype, data=X.data)  # NCHW [1, K, H, W] as [K, H*W]
             for g in T.parallel(kg):
                 for v in range(body // LANES):
                     for j in T.vectorized(LANES):
-                        words[g, v * LANES + j] = T.bitwise_xor(
-                            T.cast(T.cast(X[g * 4, v * LANES + j], "uint8"), "int32")
-                            | T.shift_left(
-                                T.cast(T.cast(X[g * 4 + 1, v * LANES + j], "uint8"), "int32"), 8
-                            )
-                            | T.shift_left(
-                                T.cast(T.cast(X[g * 4 + 2, v * LANES + j], "uint8"), "int32"), 16
-                            )
-                            | T.shift_left(
-                                T.cast(T.cast(X[g * 4 + 3, v * LANES + j], "uint8"), "int32"), 24
-                            ),
-                            flip,
-                        )
+                        words[g, v * LANES + j] = word(flat, g, v * LANES + j)
                 for j in range(pp - body):
                     words[g, body + j] = 0
                     if body + j < p:
-                        words[g, body + j] = T.bitwise_xor(
-                            T.cast(T.cast(X[g * 4, body + j], "uint8"), "int32")
-                            | T.shift_left(
-                                T.cast(T.cast(X[g * 4 + 1, body + j], "uint8"), "int32"), 8
-                            )
-                            | T.shift_left(
-                                T.cast(T.cast(X[g * 4 + 2, body + j], "uint8"), "int32"), 16
-                            )
-                            | T.shift_left(
-                                T.cast(T.cast(X[g * 4 + 3, body + j], "uint8"), "int32"), 24
-                            ),
-                            flip,
-                        )
+                        words[g, body + j] = word(flat, g, body + j)
 
     return _attrs(kernel, f"pack_kmajor_{dtype}")
 

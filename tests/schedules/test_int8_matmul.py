@@ -171,3 +171,29 @@ def test_tile_fits_the_register_budget():
             v = int8_matmul.vectors_per_tile(variant.rows, p)
             assert (p // 16) % v == 0
             assert variant.rows * v * 16 * 4 <= int8_matmul.ACCUMULATOR_BYTES
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
+@pytest.mark.parametrize("hw", [(4, 4), (7, 7), (3, 5)])
+def test_nchw_conv_form(variant, hw):
+    """Pointwise convs: pack reads [1, K, H, W] and the kernel writes [1, N, H, W] directly;
+    pixel counts that are not a multiple of 16 exercise the partial last vector."""
+    rng = np.random.default_rng(4)
+    w = quantized_weight(rng, 32, 24, 0.8, (variant.rows, 4))
+    layer = make_layer(w, rng, relu=True)
+    n, k = layer.shape
+    p = hw[0] * hw[1]
+    x = rng.integers(0, 256, (k, p), dtype=np.uint8)
+    pp = -(-p // 16) * 16
+    xp = tvm.runtime.tensor(np.full((k // 4, pp, 4), SENTINEL, np.uint8))
+    _build(int8_pack.from_kmajor(k, p, hw=hw))(tvm.runtime.tensor(x.reshape(1, k, *hw)), xp)
+    np.testing.assert_array_equal(xp.numpy(), int8_matmul.pack_activations(x), err_msg="pack")
+    weights, npad, nnzb = weight_operands(layer, variant)
+    bias, scale = epilogue_operands(layer, npad)
+    func = int8_matmul.int8_wx(
+        npad, k // 4, pp, variant, nnzb, relu=True, zp=layer.y_zp, conv_hw=hw
+    )
+    out = tvm.runtime.tensor(np.full((1, npad, *hw), SENTINEL, np.uint8))
+    _build(func)(xp, *[tvm.runtime.tensor(a) for a in (*weights, bias, scale)], out)
+    want = reference(layer, x).reshape(1, n, *hw)
+    np.testing.assert_array_equal(out.numpy()[:, :n], want, err_msg=variant.name)
