@@ -427,7 +427,30 @@ class _Rewriter(PyExprMutator):
         super().__init__(mod)
         self.plan, self.bindings = plan, bindings
 
+    def _planned(self, expr) -> bool:
+        found = match_any(_bound(expr, self.bindings), self.bindings)
+        return found is not None and found[0].key in self.plan
+
+    def _dequantize(self, call: relax.Call) -> relax.Expr | None:
+        """A fast flat dequantize for a per-tensor DequantizeLinear of an int8 kernel's output."""
+        scale, zp = (_const_value(a, self.bindings) for a in call.args[1:3])
+        if scale is None or zp is None or scale.size != 1 or zp.size != 1:
+            return None
+        if not self._planned(call.args[0]) or str(call.ty.dtype) != "float32":
+            return None
+        q = self.visit_expr(call.args[0])
+        shape = [int(d) for d in q.ty.shape.values]
+        func = int8_pack.dequantize_flat(
+            tuple(shape), str(q.ty.dtype), float(scale.reshape(())), int(zp.reshape(()))
+        )
+        gv = self.builder_.add_func(func, f"dequantize_{str(q.ty.dtype)}")
+        return relax.call_tir(gv, [q], relax.TensorType(shape, "float32"))
+
     def visit_call_(self, call: relax.Call) -> relax.Expr:
+        if call.op == _OPS["dequantize"]:
+            fast = self._dequantize(call)
+            if fast is not None:
+                return fast
         found = match_any(call, self.bindings)
         if found is None or found[0].key not in self.plan:
             return super().visit_call_(call)
