@@ -40,7 +40,7 @@ from tvm_sparse._compat import Constant, constant_value
 from tvm_sparse.formats import to_bsr
 from tvm_sparse.schedules import int8_matmul, int8_pack
 from tvm_sparse.schedules.int8_matmul import Int8Variant
-from tvm_sparse.schedules.int8_vnni import GROUP, LANES
+from tvm_sparse.schedules.int8_vnni import GROUP
 
 _OPS = {
     name: tvm.ir.Op.get(f"relax.{name}")
@@ -383,13 +383,13 @@ def emit_int8(bb: relax.BlockBuilder, layer: QuantLayer, variant: Int8Variant, x
     """Emit pack + kernel for `layer` on its quantized input; returns the quantized output."""
     n, k = layer.shape
     p = layer.columns
-    pp = -(-p // LANES) * LANES
+    pp = int8_matmul.padded_columns(p)
     tag = layer.key.split(":")[1][:8]
     if layer.kind == "matmul":
-        pack = int8_pack.from_rowmajor(p, k, layer.x_dtype)
+        pack = int8_pack.from_rowmajor(p, k, layer.x_dtype, columns=pp)
         operand = x_q
     else:  # reads and writes NCHW directly: a reshape here would cost a copy
-        pack = int8_pack.from_kmajor(k, p, layer.x_dtype, hw=layer.hw)
+        pack = int8_pack.from_kmajor(k, p, layer.x_dtype, hw=layer.hw, columns=pp)
         operand = x_q
     pack_gv = bb.add_func(pack, f"{pack.attrs['tvm_sparse.kernel']}_{tag}")
     xp = bb.emit(

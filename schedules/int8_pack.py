@@ -40,11 +40,16 @@ def _attrs(func: tirx.PrimFunc, name: str) -> tirx.PrimFunc:
 
 
 def from_kmajor(
-    k: int, p: int, dtype: str = "uint8", hw: tuple[int, int] | None = None
+    k: int,
+    p: int,
+    dtype: str = "uint8",
+    hw: tuple[int, int] | None = None,
+    columns: int | None = None,
 ) -> tirx.PrimFunc:
     """X[K, P] (or, with `hw`, the NCHW tensor [1, K, H, W], P = H * W) ->
-    Xp[K/4, ceil(P/16)*16, 4], zero padded (K % 4 == 0 required)."""
+    Xp[K/4, columns, 4], zero padded (K % 4 == 0 required; columns default ceil(P/16)*16)."""
     kg, pp = _padded(k, p)
+    pp = columns or pp
     if k % GROUP:
         raise ValueError(f"reduction length {k} is not a multiple of {GROUP}")
     flip = _SIGN_FLIP if dtype == "int8" else 0
@@ -80,9 +85,12 @@ def from_kmajor(
     return _attrs(kernel, f"pack_kmajor_{dtype}")
 
 
-def from_rowmajor(m: int, k: int, dtype: str = "uint8") -> tirx.PrimFunc:
+def from_rowmajor(
+    m: int, k: int, dtype: str = "uint8", columns: int | None = None
+) -> tirx.PrimFunc:
     """X[M, K] -> Xp[K/4, ceil(M/16)*16, 4] (K % 4 == 0 required): a transpose of words."""
     kg, mp = _padded(k, m)
+    mp = columns or mp
     if k % GROUP:
         raise ValueError(f"reduction length {k} is not a multiple of {GROUP}")
     flip = _SIGN_FLIP if dtype == "int8" else 0

@@ -165,6 +165,16 @@ def test_asm_uses_vpdpbusd():
         assert "vpdpbusd" in lib.mod.inspect_source("asm"), variant.name
 
 
+def test_padded_columns():
+    assert [int8_matmul.padded_columns(p) for p in (1, 49, 196, 784, 3136)] == [
+        16,
+        64,
+        224,
+        832,
+        3136,
+    ]
+
+
 def test_tile_fits_the_register_budget():
     for variant in VARIANTS:
         for p in (16, 32, 64, 112, 12544):
@@ -174,7 +184,7 @@ def test_tile_fits_the_register_budget():
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
-@pytest.mark.parametrize("hw", [(4, 4), (7, 7), (3, 5)])
+@pytest.mark.parametrize("hw", [(4, 4), (7, 7), (3, 5), (14, 14), (28, 28)])
 def test_nchw_conv_form(variant, hw):
     """Pointwise convs: pack reads [1, K, H, W] and the kernel writes [1, N, H, W] directly;
     pixel counts that are not a multiple of 16 exercise the partial last vector."""
@@ -184,10 +194,13 @@ def test_nchw_conv_form(variant, hw):
     n, k = layer.shape
     p = hw[0] * hw[1]
     x = rng.integers(0, 256, (k, p), dtype=np.uint8)
-    pp = -(-p // 16) * 16
+    pp = int8_matmul.padded_columns(p)  # 14x14: 13 vectors -> 14, 28x28: 49 -> 52
     xp = tvm.runtime.tensor(np.full((k // 4, pp, 4), SENTINEL, np.uint8))
-    _build(int8_pack.from_kmajor(k, p, hw=hw))(tvm.runtime.tensor(x.reshape(1, k, *hw)), xp)
-    np.testing.assert_array_equal(xp.numpy(), int8_matmul.pack_activations(x), err_msg="pack")
+    pack = int8_pack.from_kmajor(k, p, hw=hw, columns=pp)
+    _build(pack)(tvm.runtime.tensor(x.reshape(1, k, *hw)), xp)
+    want_xp = int8_matmul.pack_activations(x)
+    np.testing.assert_array_equal(xp.numpy()[:, : want_xp.shape[1]], want_xp, err_msg="pack")
+    assert not xp.numpy()[:, want_xp.shape[1] :].any(), "padding columns must be zero"
     weights, npad, nnzb = weight_operands(layer, variant)
     bias, scale = epilogue_operands(layer, npad)
     func = int8_matmul.int8_wx(
