@@ -71,6 +71,22 @@ def _layer_report(proto: onnx.ModelProto, decisions: list) -> list[dict]:
     return rows
 
 
+def _rewrite_quantized(mod, sparse, policy, tgt, on_phase=None, cache=None):
+    """QDQ-quantized layers -> int8 VNNI kernels, dense or sparse per layer (before constant
+    folding, which would turn their DequantizeLinear weights into float constants)."""
+    from tvm_sparse.passes.rewrite_quantized import RewriteQuantized, collect_quantized_layers
+
+    from .selection import select_int8
+
+    layers = collect_quantized_layers(mod)
+    if not layers:
+        return mod, []
+    if on_phase:
+        on_phase(f"select int8 kernels for {len(layers)} quantized layers")
+    decisions = select_int8(layers, sparse, policy, tgt, cache=cache)
+    return RewriteQuantized({d.layer.key: d.variant for d in decisions})(mod), decisions
+
+
 def _select(
     model, target, shapes, sparse, policy, dump_ir=None, on_phase=None, calibration=None, db=None
 ):
@@ -93,6 +109,8 @@ def _select(
     if on_phase:
         on_phase("import")
     mod = from_onnx(proto, {s.name: list(s.shape) for s in specs})
+    cache = selection_cache(db, tgt) if db is not None else None
+    mod, int8_decisions = _rewrite_quantized(mod, sparse, policy, tgt, on_phase, cache)
     mod = optimize(mod, tgt, dump_dir=dump_ir, on_phase=on_phase, phases=("simplify",))
     # Pointwise convs are candidates in their matmul form, but stay convs unless they go sparse.
     convs = pointwise_convs(mod)
@@ -114,8 +132,8 @@ def _select(
         if on_phase:
             on_phase("calibrate: measuring input sparsity")
         inputs = input_sparsity_by_key(proto, measure_input_sparsity(proto, calibration))
-    cache = selection_cache(db, tgt) if db is not None else None
-    decisions = select(layers, sparse, policy, tgt, progress, cache, input_sparsity=inputs)
+    decisions = int8_decisions
+    decisions += select(layers, sparse, policy, tgt, progress, cache, input_sparsity=inputs)
     decisions += select_convs(collect_conv_layers(mod), sparse, policy, tgt, progress, cache)
     decisions += select_recurrent(
         collect_recurrent_layers(mod), sparse, policy, tgt, progress, cache

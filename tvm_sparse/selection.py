@@ -401,3 +401,108 @@ def select_recurrent(
         times = {n: time_candidate(layer, n, target, cache) for n in names}
         decisions.append(_fastest(layer, times, sparse))
     return decisions
+
+
+# ----------------------------------------------------------------- int8 (QDQ) layers
+# Candidates for the integer layers of `passes/rewrite_quantized.py`: the dense VNNI kernel and
+# a BSR one per block height R (blocks R x 4, the VNNI reduction group), timed like the fp32
+# candidates (pack + kernel, the layer's real shapes and pattern) and cached by signature.
+INT8_SPARSE_ROWS = (16, 4, 1)
+INT8_MIN_ZEROS = 0.3  # below this zero-block fraction a BSR kernel cannot beat the dense one
+
+
+def int8_candidates(layer) -> list[tuple[object, float]]:
+    """(Int8Variant, zero-block fraction) pairs worth timing; dense first (fraction 0)."""
+    from .schedules.int8_matmul import Int8Variant
+
+    out = [(Int8Variant(4, sparse=False), 0.0)]
+    n, k = layer.shape
+    if not np.any(layer.weight == 0):
+        return out
+    for r in INT8_SPARSE_ROWS:
+        if n % r:
+            continue
+        zeros = zero_block_fraction(layer.weight, (r, 4))
+        if zeros >= INT8_MIN_ZEROS:
+            out.append((Int8Variant(r), zeros))
+    return out
+
+
+def _int8_module(layer, variant) -> tvm.IRModule:
+    from .passes.rewrite_quantized import emit_int8
+
+    shape = [layer.columns, layer.shape[1]] if layer.kind == "matmul" else None
+    if shape is None:
+        shape = [1, layer.shape[1], *layer.hw]
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, layer.x_dtype))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(emit_int8(bb, layer, variant, x))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def time_int8(layer, variant, target: tvm.target.Target, cache: dict | None = None) -> float:
+    """Seconds per call of pack + kernel for `layer` (cached by shape, kernel and pattern)."""
+    from .passes import lowering_pipeline, optimize
+    from .passes.rewrite_quantized import weight_operands
+
+    cache = cache if cache is not None else _PROCESS_CACHE.setdefault(str(target), {})
+    arrays = weight_operands(layer, variant)[0]
+    digest = hashlib.sha1(b"".join(a.tobytes() for a in arrays[1:])).hexdigest()[:12]
+    if not variant.sparse:
+        digest = "-"
+    key = f"{variant.name}|{layer.kind}|{layer.shape}x{layer.columns}|{layer.x_dtype}|{digest}"
+    if key not in cache:
+        mod = optimize(_int8_module(layer, variant), target)
+        ex = relax.build(mod, target, relax_pipeline=lowering_pipeline(target))
+        vm = relax.VirtualMachine(ex, tvm.cpu())
+        shape = [int(d) for d in mod["main"].params[0].ty.shape.values]
+        info = np.iinfo(layer.x_dtype)
+        x = np.random.default_rng(0).integers(info.min, info.max + 1, shape, dtype=layer.x_dtype)
+        x = tvm.runtime.tensor(x)
+        vm["main"](x)
+        timer = vm.time_evaluator("main", tvm.cpu(), number=10, repeat=3, min_repeat_ms=20)
+        cache[key] = float(timer(x).median)
+    return cache[key]
+
+
+def select_int8(
+    layers: list,
+    sparse: str,
+    policy: str,
+    target: tvm.target.Target,
+    progress=None,
+    cache: dict | None = None,
+) -> list[Decision]:
+    """One Decision per int8 layer; `variant` is the Int8Variant to emit (never None)."""
+    decisions = []
+    for i, layer in enumerate(layers):
+        if progress:
+            progress(i, len(layers))
+        cands = int8_candidates(layer)
+        dense = cands[0][0]
+        if sparse == "off" or len(cands) == 1:
+            why = "sparse='off'" if sparse == "off" else "no zero blocks to exploit"
+            decisions.append(Decision(layer, dense.name, dense, why=why))
+            continue
+        if policy == "threshold":
+            variant, zeros = max(cands[1:], key=lambda c: c[1])
+            if zeros < WEIGHT_THRESHOLD and sparse != "force":
+                why = f"zero-block fraction {zeros:.0%} below threshold {WEIGHT_THRESHOLD:.0%}"
+                decisions.append(Decision(layer, dense.name, dense, why=why))
+            else:
+                why = f"{variant.rows}x4 blocks {zeros:.0%} zero"
+                decisions.append(Decision(layer, variant.name, variant, why=why))
+            continue
+        variants = {v.name: v for v, _ in cands}
+        times = {name: time_int8(layer, v, target, cache) for name, v in variants.items()}
+        pool = {n: t for n, t in times.items() if variants[n].sparse or sparse != "force"}
+        best = min(pool, key=pool.get)
+        if best == dense.name:
+            why = "dense int8 measured fastest"
+        else:
+            why = f"measured fastest: {times[dense.name] / times[best]:.1f}x faster than dense int8"
+        decisions.append(Decision(layer, best, variants[best], times, why))
+    return decisions

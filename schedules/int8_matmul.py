@@ -1,0 +1,280 @@
+"""Integer matmul kernels with AVX512-VNNI: Y[N, P] = requant(W[N, K] . X[K, P]), dense or BSR.
+
+uint8 activations x int8 weights -> int32 accumulators -> requantized (u)int8, one kernel.
+Activations come packed K-major in groups of 4 reduction elements, ``Xp[K/4, P, 4]`` (see
+`pack_activations`), so 16 consecutive columns of one group are one 64-byte load: the lanes of
+``vpdpbusd`` run over columns (MatMul rows, conv pixels) and each weight row contributes a
+4-byte broadcast (`int8_vnni`). Pointwise NCHW convs are natively [C, H*W]; MatMul activations
+get there through a small byte pack.
+
+Weights are [out, in] blocks R x 4 (R output rows x 4 reduction elements): dense layers store
+every block ``[N/R, K/4, R, 4]``, sparse ones only the nonzero blocks (BSR over the R x 4 grid).
+A weight pruned with R x 1 blocks (e.g. 4x1) is stored as R x 4 blocks of aligned groups of 4
+reduction elements; a group is kept when any of its 4 columns is nonzero.
+
+The epilogue, per output row n: ``clamp(rint(float32(acc + bias[n]) * scale[n]) + zp, lo, hi)``
+with rint rounding half to even, as ONNX Runtime's requantization (MLAS) does. ``bias`` already
+holds the activation zero-point correction ``-x_zp * sum_k W[n, k]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tvm import tirx
+from tvm.s_tir import Schedule
+from tvm.script import tirx as T
+
+from tvm_sparse._compat import ATTR_NOALIAS, ATTR_SCHEDULED
+
+from . import int8_vnni
+from .int8_vnni import GROUP, LANES
+
+ACCUMULATOR_BYTES = 1024  # "global" scratch up to this size is promoted to registers
+QRANGE = {"uint8": (0, 255), "int8": (-128, 127)}
+
+
+@dataclass(frozen=True)
+class Int8Variant:
+    """An int8 kernel: block rows R (reduction always 4) and dense or sparse (BSR)."""
+
+    rows: int
+    sparse: bool = True
+
+    @property
+    def name(self) -> str:
+        kind = "bsr" if self.sparse else "dense"
+        return f"{kind}_wx_{self.rows}x{GROUP}_u8s8"
+
+
+VARIANTS: tuple[Int8Variant, ...] = (
+    Int8Variant(4, sparse=False),
+    Int8Variant(1),
+    Int8Variant(4),
+    Int8Variant(16),
+)
+
+
+def vectors_per_tile(rows: int, p: int) -> int:
+    """16-column vectors per register tile: rows x vectors int32x16 within the budget."""
+    budget = ACCUMULATOR_BYTES // (4 * LANES * rows)
+    for v in (4, 3, 2, 1):
+        if v <= budget and (p // LANES) % v == 0:
+            return v
+    return 1
+
+
+def padded_columns(p: int) -> int:
+    """Activation columns after padding: whole 16-lane vectors, rounded up to a multiple of 4
+    (or 2) vectors when that wastes at most 1/8: a tile of one vector leaves too few
+    independent accumulators (e.g. 14x14 maps, 13 vectors: 112 -> 59 us for 512x512)."""
+    vecs = -(-p // LANES)
+    for tile in (4, 2):
+        full = -(-vecs // tile) * tile
+        if (full - vecs) * 8 <= vecs:
+            return full * LANES
+    return vecs * LANES
+
+
+def pack_activations(x: np.ndarray) -> np.ndarray:
+    """NumPy reference of the activation pack: X[K, P] (u)int8 -> Xp[ceil(K/4), ceil(P/16)*16, 4]
+    uint8, zero padded; int8 activations are shifted by +128 (their zero point grows by 128)."""
+    k, p = x.shape
+    kp, pp = -(-k // GROUP) * GROUP, -(-p // LANES) * LANES
+    if x.dtype == np.int8:
+        x = (x.astype(np.int16) + 128).astype(np.uint8)
+    padded = np.zeros((kp, pp), np.uint8)
+    padded[:k, :p] = x
+    return np.ascontiguousarray(padded.reshape(kp // GROUP, GROUP, pp).transpose(0, 2, 1))
+
+
+def _attrs(func: tirx.PrimFunc, name: str) -> tirx.PrimFunc:
+    func = func.without_attr("global_symbol")
+    return func.with_attrs({ATTR_NOALIAS: True, ATTR_SCHEDULED: True, "tvm_sparse.kernel": name})
+
+
+def _tensorize(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    sch = Schedule(func)
+    dot = sch.get_sblock("dot")
+    sch.tensorize(sch.get_loops(dot)[-2], int8_vnni.register())
+    return sch.mod["main"]
+
+
+def _epilogue_bounds(out_dtype: str, zp: int, relu: bool) -> tuple[float, float]:
+    lo, hi = QRANGE[out_dtype]
+    lo = max(lo, zp) if relu else lo
+    return float(lo - zp), float(hi - zp)
+
+
+def int8_wx(
+    n: int,
+    kg: int,
+    p: int,
+    variant: Int8Variant,
+    nnzb: int = 0,
+    out_dtype: str = "uint8",
+    zp: int = 0,
+    relu: bool = False,
+    rows_out: int | None = None,
+    conv_hw: tuple[int, int] | None = None,
+) -> tirx.PrimFunc:
+    """The kernel for one layer shape.
+
+    Parameters
+    ----------
+    n
+        Output rows, a multiple of ``variant.rows`` (padded by the caller).
+    kg
+        Reduction groups of 4 (K padded to a multiple of 4).
+    p
+        Activation columns, a multiple of 16 (padded by the caller).
+    variant
+        Block rows and dense/sparse.
+    nnzb
+        Stored blocks (sparse only; a buffer size, the pattern itself is runtime data).
+    out_dtype, zp, relu
+        Output type, output zero point, ReLU fused as a clamp at the zero point.
+    rows_out
+        None: Y is [n, p] (a conv's [C, H*W]). An int M <= p: Y is [M, n], the row-major
+        MatMul output, written transposed from the tile (columns past M dropped).
+    conv_hw
+        (H, W) with H * W <= p: Y is the NCHW conv output [1, n, H, W] (no reshape copy).
+
+    Returns
+    -------
+    PrimFunc
+        Arguments ``(Xp, data[, indices, indptr], bias, scale, Y)``, VNNI-tensorized.
+    """
+    r, mv = variant.rows, vectors_per_tile(variant.rows, p)
+    pv, nb = mv * LANES, n // r
+    lo, hi = _epilogue_bounds(out_dtype, zp, relu)
+    y_shape = (n, p) if rows_out is None else (rows_out, n)
+    if conv_hw is not None:
+        y_shape = (1, n, *conv_hw)
+    p_valid = conv_hw[0] * conv_hw[1] if conv_hw else p
+
+    def q(acc_v, bias_v, scale_v):
+        real = tirx.Cast("float32", acc_v + bias_v) * scale_v
+        clamped = tirx.max(tirx.min(tirx.nearbyint(real), tirx.const(hi, "float32")), lo)
+        return tirx.Cast(out_dtype, clamped + tirx.const(float(zp), "float32"))
+
+    @T.macro
+    def requant(acc, bias, scale, Y, vb, vp):
+        if conv_hw is not None:  # Y is [1, n, H, W]: write it through a flat [n, H*W] view
+            flat = T.decl_buffer((n, p_valid), out_dtype, data=Y.data)
+            for i in T.unroll(r):
+                for v in T.unroll(mv):
+                    if vp * pv + v * 16 + 16 <= p_valid:
+                        for j in T.vectorized(16):
+                            flat[vb * r + i, vp * pv + v * 16 + j] = q(
+                                acc[i, v * 16 + j], bias[vb * r + i], scale[vb * r + i]
+                            )
+                    else:
+                        for j in range(16):
+                            if vp * pv + v * 16 + j < p_valid:
+                                flat[vb * r + i, vp * pv + v * 16 + j] = q(
+                                    acc[i, v * 16 + j], bias[vb * r + i], scale[vb * r + i]
+                                )
+        elif rows_out is None:
+            for i in T.unroll(r):
+                for j in T.vectorized(pv):
+                    Y[vb * r + i, vp * pv + j] = q(acc[i, j], bias[vb * r + i], scale[vb * r + i])
+        else:
+            for j in range(T.min(pv, rows_out - vp * pv)):
+                for i in T.unroll(r):
+                    Y[vp * pv + j, vb * r + i] = q(acc[i, j], bias[vb * r + i], scale[vb * r + i])
+
+    if variant.sparse:
+        func = _bsr_kernel(n, kg, p, r, mv, pv, nb, max(nnzb, 1), y_shape, out_dtype, requant)
+    else:
+        func = _dense_kernel(n, kg, p, r, mv, pv, nb, y_shape, out_dtype, requant)
+    return _attrs(_tensorize(func), variant.name)
+
+
+def _dense_kernel(n, kg, p, r, mv, pv, nb, y_shape, out_dtype, requant):
+    y_all = tuple(slice(0, d) for d in y_shape)
+
+    @T.prim_func(s_tir=True)
+    def kernel(
+        Xp: T.Buffer((kg, p, 4), "uint8"),
+        data: T.Buffer((nb, kg, r, 4), "int8"),
+        bias: T.Buffer((n,), "int32"),
+        scale: T.Buffer((n,), "float32"),
+        Y: T.Buffer(y_shape, out_dtype),
+    ):
+        for br in T.parallel(nb):
+            for p0 in range(p // pv):
+                with T.sblock("tile"):
+                    vb, vp = T.axis.remap("SS", [br, p0])
+                    T.reads(
+                        Xp[0:kg, vp * pv : vp * pv + pv, 0:4],
+                        data[vb, 0:kg, 0:r, 0:4],
+                        bias[vb * r : vb * r + r],
+                        scale[vb * r : vb * r + r],
+                    )
+                    T.writes(Y[y_all])
+                    acc = T.sblock_alloc_buffer((r, pv), "int32", scope="global")
+                    for i in T.unroll(r):
+                        for j in T.vectorized(pv):
+                            acc[i, j] = 0
+                    for g in range(kg):
+                        for i in T.unroll(r):
+                            for v in T.unroll(mv):
+                                for lane, e in T.grid(16, 4):
+                                    with T.sblock("dot"):
+                                        vg, vi, vv, vl, ve = T.axis.remap(
+                                            "RSSSR", [g, i, v, lane, e]
+                                        )
+                                        acc[vi, vv * 16 + vl] = acc[vi, vv * 16 + vl] + T.cast(
+                                            Xp[vg, vp * pv + vv * 16 + vl, ve], "int32"
+                                        ) * T.cast(data[vb, vg, vi, ve], "int32")
+                    requant(acc, bias, scale, Y, vb, vp)
+
+    return kernel
+
+
+def _bsr_kernel(n, kg, p, r, mv, pv, nb, nnzb, y_shape, out_dtype, requant):
+    y_all = tuple(slice(0, d) for d in y_shape)
+
+    @T.prim_func(s_tir=True)
+    def kernel(
+        Xp: T.Buffer((kg, p, 4), "uint8"),
+        data: T.Buffer((nnzb, r, 4), "int8"),
+        indices: T.Buffer((nnzb,), "int32"),
+        indptr: T.Buffer((nb + 1,), "int32"),
+        bias: T.Buffer((n,), "int32"),
+        scale: T.Buffer((n,), "float32"),
+        Y: T.Buffer(y_shape, out_dtype),
+    ):
+        for br in T.parallel(nb):
+            for p0 in range(p // pv):
+                with T.sblock("tile"):
+                    vb, vp = T.axis.remap("SS", [br, p0])
+                    T.reads(
+                        Xp[0:kg, vp * pv : vp * pv + pv, 0:4],
+                        data[0:nnzb, 0:r, 0:4],
+                        indices[0:nnzb],
+                        indptr[vb : vb + 2],
+                        bias[vb * r : vb * r + r],
+                        scale[vb * r : vb * r + r],
+                    )
+                    T.writes(Y[y_all])
+                    acc = T.sblock_alloc_buffer((r, pv), "int32", scope="global")
+                    for i in T.unroll(r):
+                        for j in T.vectorized(pv):
+                            acc[i, j] = 0
+                    for blk in range(indptr[vb], indptr[vb + 1]):
+                        col: T.let = indices[blk]
+                        for i in T.unroll(r):
+                            for v in T.unroll(mv):
+                                for lane, e in T.grid(16, 4):
+                                    with T.sblock("dot"):
+                                        vj = T.axis.reduce(nnzb, blk)
+                                        vi, vv, vl, ve = T.axis.remap("SSSR", [i, v, lane, e])
+                                        acc[vi, vv * 16 + vl] = acc[vi, vv * 16 + vl] + T.cast(
+                                            Xp[col, vp * pv + vv * 16 + vl, ve], "int32"
+                                        ) * T.cast(data[vj, vi, ve], "int32")
+                    requant(acc, bias, scale, Y, vb, vp)
+
+    return kernel

@@ -1,0 +1,145 @@
+"""Activation packing for the int8 VNNI kernels: (u)int8 -> uint8 ``Xp[K/4, P, 4]`` (K-major).
+
+Both packers write 32-bit words (4 reduction bytes of one column) through an int32 view of the
+output, so the byte interleave becomes word arithmetic that vectorizes: ``from_kmajor`` (a
+pointwise NCHW conv input [C, H*W]) zero-extends 4 rows and shifts them into one word per
+column; ``from_rowmajor`` (a MatMul input [M, K], whose 4 consecutive bytes of a row already
+are one word) is a word transpose. int8 activations are shifted into uint8 by flipping each
+byte's top bit (x + 128); the kernels' zero-point correction accounts for it.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from tvm_sparse._compat import ATTR_NOALIAS, ATTR_SCHEDULED
+
+from .int8_vnni import GROUP, LANES
+
+_SIGN_FLIP = -2139062144  # 0x80808080 as int32
+
+
+def _padded(k: int, p: int) -> tuple[int, int]:
+    return -(-k // GROUP), -(-p // LANES) * LANES
+
+
+OPAQUE = 8  # relax OpPatternKind kOpaque: FuseOps must not merge a packer (it aliases buffers)
+
+
+def _attrs(func: tirx.PrimFunc, name: str) -> tirx.PrimFunc:
+    func = func.without_attr("global_symbol")
+    return func.with_attrs(
+        {
+            ATTR_NOALIAS: True,
+            ATTR_SCHEDULED: True,
+            "tvm_sparse.kernel": name,
+            "op_pattern": OPAQUE,
+        }
+    )
+
+
+def from_kmajor(
+    k: int,
+    p: int,
+    dtype: str = "uint8",
+    hw: tuple[int, int] | None = None,
+    columns: int | None = None,
+) -> tirx.PrimFunc:
+    """X[K, P] (or, with `hw`, the NCHW tensor [1, K, H, W], P = H * W) ->
+    Xp[K/4, columns, 4], zero padded (K % 4 == 0 required; columns default ceil(P/16)*16)."""
+    kg, pp = _padded(k, p)
+    pp = columns or pp
+    if k % GROUP:
+        raise ValueError(f"reduction length {k} is not a multiple of {GROUP}")
+    flip = _SIGN_FLIP if dtype == "int8" else 0
+    body = p // LANES * LANES
+    x_shape = (1, k, *hw) if hw else (k, p)
+    x_all = tuple(slice(0, d) for d in x_shape)
+
+    def load(X, row, col):
+        return tirx.Cast("int32", tirx.Cast("uint8", X[row, col]))
+
+    def word(X, g, col):
+        value = load(X, g * 4, col)
+        for e in (1, 2, 3):
+            value = value | tirx.shift_left(load(X, g * 4 + e, col), 8 * e)
+        return tirx.bitwise_xor(value, flip)
+
+    @T.prim_func(s_tir=True)
+    def kernel(X: T.Buffer(x_shape, dtype), Xp: T.Buffer((kg, pp, 4), "uint8")):
+        with T.sblock("root"):
+            T.reads(X[x_all])
+            T.writes(Xp[0:kg, 0:pp, 0:4])
+            words = T.decl_buffer((kg, pp), "int32", data=Xp.data)
+            flat = T.decl_buffer((k, p), dtype, data=X.data)  # NCHW [1, K, H, W] as [K, H*W]
+            for g in T.parallel(kg):
+                for v in range(body // LANES):
+                    for j in T.vectorized(LANES):
+                        words[g, v * LANES + j] = word(flat, g, v * LANES + j)
+                for j in range(pp - body):
+                    words[g, body + j] = 0
+                    if body + j < p:
+                        words[g, body + j] = word(flat, g, body + j)
+
+    return _attrs(kernel, f"pack_kmajor_{dtype}")
+
+
+def from_rowmajor(
+    m: int, k: int, dtype: str = "uint8", columns: int | None = None
+) -> tirx.PrimFunc:
+    """X[M, K] -> Xp[K/4, ceil(M/16)*16, 4] (K % 4 == 0 required): a transpose of words."""
+    kg, mp = _padded(k, m)
+    mp = columns or mp
+    if k % GROUP:
+        raise ValueError(f"reduction length {k} is not a multiple of {GROUP}")
+    flip = _SIGN_FLIP if dtype == "int8" else 0
+
+    @T.prim_func(s_tir=True)
+    def kernel(X: T.Buffer((m, k), dtype), Xp: T.Buffer((kg, mp, 4), "uint8")):
+        with T.sblock("root"):
+            T.reads(X[0:m, 0:k])
+            T.writes(Xp[0:kg, 0:mp, 0:4])
+            src = T.decl_buffer((m, kg), "int32", data=X.data)
+            words = T.decl_buffer((kg, mp), "int32", data=Xp.data)
+            for g in T.parallel(kg):
+                for i in range(mp):
+                    words[g, i] = 0
+                    if i < m:
+                        words[g, i] = T.bitwise_xor(src[i, g], flip)
+
+    return _attrs(kernel, f"pack_rowmajor_{dtype}")
+
+
+def dequantize_flat(shape: tuple[int, ...], dtype: str, scale: float, zp: int) -> tirx.PrimFunc:
+    """``float32(q - zp) * scale`` (per-tensor) over a flat view of any shape.
+
+    The int8 kernels' outputs feed float layers (depthwise convs) through DequantizeLinear;
+    TVM's legalized dequantize indexes the 4-D NCHW tensor with div/mod the vectorizer
+    cannot fold (~100 us for a 64x112x112 map), a flat loop does the same in a few us.
+    """
+    size = 1
+    for d in shape:
+        size *= int(d)
+    chunk = 1024
+    body = size // chunk * chunk
+    full = tuple(slice(0, d) for d in shape)
+
+    @T.prim_func(s_tir=True)
+    def kernel(Q: T.Buffer(shape, dtype), Y: T.Buffer(shape, "float32")):
+        with T.sblock("root"):
+            T.reads(Q[full])
+            T.writes(Y[full])
+            q = T.decl_buffer((size,), dtype, data=Q.data)
+            y = T.decl_buffer((size,), "float32", data=Y.data)
+            for c in T.parallel(body // chunk):
+                for j in T.vectorized(chunk):
+                    y[c * chunk + j] = T.Cast(
+                        "float32", T.Cast("int32", q[c * chunk + j]) - zp
+                    ) * T.float32(scale)
+            for j in range(size - body):
+                y[body + j] = T.Cast("float32", T.Cast("int32", q[body + j]) - zp) * T.float32(
+                    scale
+                )
+
+    return _attrs(kernel, f"dequantize_{dtype}")
