@@ -360,15 +360,14 @@ def main() -> int:
     os.makedirs(work, exist_ok=True)
     results: dict = {}
     print(f"# {machine()}  {datetime.date.today()}  work dir {work}", flush=True)
-    dense_cases(args, work, results)
-    if not args.only or "MobileNet" in args.only:
-        mobilenet_curve(args, work, results)
-    sparse_cases(args, work, results)
-    if not args.only or "ranking" in args.only:
-        ranking(args, work, results)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    steps = [dense_cases, ranking, sparse_cases, mobilenet_curve]
+    for step in steps:
+        if args.only and step in (ranking, mobilenet_curve) and args.only not in step.__name__:
+            continue
+        step(args, work, results)
+        if args.json:  # after each step: a late failure keeps the earlier results
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
     return 0
 
 
