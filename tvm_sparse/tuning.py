@@ -510,12 +510,24 @@ def parse_budget(text: str) -> float:
     return value * {"s": 1, "m": 60, "h": 3600}[unit]
 
 
+class _Stopped(Exception):
+    """Ctrl-C was pressed: raised at the next safe point (after a measured batch)."""
+
+
 class _Progress:
-    """Counts measured candidates (MetaSchedule measure callback) and reports them."""
+    """Counts measured candidates (MetaSchedule measure callback) and reports them; stops
+    the search after the batch during which Ctrl-C was pressed (`stop`)."""
 
     def __init__(self, total: int, report: Callable[[int, int, str], None] | None):
+        import threading
+
         self.total, self.done, self.report, self.task = total, 0, report, ""
         self.failed = 0
+        self.stop = threading.Event()
+
+    def check(self) -> None:
+        if self.stop.is_set():
+            raise _Stopped
 
     def callback(self):
         from tvm.ir.utils import derived_object
@@ -532,6 +544,7 @@ class _Progress:
                 )
                 if progress.report:
                     progress.report(progress.done, progress.total, progress.task)
+                progress.check()  # the batch's records are in the database already
 
         return _Callback()
 
@@ -602,7 +615,7 @@ def tune(
     builder = ms.builder.LocalBuilder(max_workers=_cores(), f_build=build_kernel)
     options = dict(trials=trials, deadline=deadline, seed=seed, timeout=timeout, rpc=rpc)
     state = {"complete": True, "interrupted": False}
-    sigint, previous = _catch_sigint()
+    previous = _catch_sigint(progress.stop)
     with using_database(db):
         try:
 
@@ -613,13 +626,12 @@ def tune(
                 )
 
             _rounds(prepare, db, builder, rows, progress, state, on_phase, **options)
-        except Exception as err:  # noqa: BLE001 - re-raised unless it is the interrupt
-            # Ctrl-C inside MetaSchedule's C++ loop reaches us as a bare RuntimeError; every
-            # record measured so far is already in the database (one line per record).
-            if not (isinstance(err, KeyboardInterrupt) or sigint.is_set()):
+        except Exception:
+            # _Stopped raised in our measure callback reaches us through MetaSchedule's C++
+            # loop as another exception type; every record measured so far is already in the
+            # database (one line per record).
+            if not progress.stop.is_set():
                 raise
-            state.update(complete=False, interrupted=True)
-        except KeyboardInterrupt:
             state.update(complete=False, interrupted=True)
         finally:
             db.save()
@@ -655,6 +667,7 @@ def _rounds(
         if on_phase:
             on_phase(f"round {round_}: {len(todo)} of {len(tasks)} tasks to tune")
         for task, row in todo:
+            progress.check()
             runner = make_runner(task, db, rpc, timeout)
             _measure_default(task, row, tgt, db, builder, runner)
             if task.kind == "fixed":
@@ -681,6 +694,7 @@ def tune_task(task, row, target, db, builder, runner, trials, deadline, seed, pr
         num_tuning_cores=_cores(),
     )
     while need > 0:
+        progress.check()
         if deadline is not None and time.perf_counter() > deadline:
             return False
         before = progress.done
@@ -717,21 +731,24 @@ def tune_task(task, row, target, db, builder, runner, trials, deadline, seed, pr
     return True
 
 
-def _catch_sigint():
-    """Note Ctrl-C (then raise KeyboardInterrupt as usual) so tune() can tell it apart from a
-    failure when MetaSchedule turns it into another exception."""
+def _catch_sigint(stop):
+    """First Ctrl-C: set `stop` (tuning ends after the current batch, at a point where raising
+    is safe; a KeyboardInterrupt raised anywhere inside MetaSchedule's C++ loop can abort the
+    process). A second Ctrl-C interrupts at once."""
     import signal
+    import sys
     import threading
 
-    seen = threading.Event()
     if threading.current_thread() is not threading.main_thread():
-        return seen, None
+        return None
 
     def handler(signum, frame):
-        seen.set()
-        raise KeyboardInterrupt
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("\nstopping after the current batch (Ctrl-C again to abort)", file=sys.stderr)
 
-    return seen, signal.signal(signal.SIGINT, handler)
+    return signal.signal(signal.SIGINT, handler)
 
 
 def _restore_sigint(previous) -> None:
