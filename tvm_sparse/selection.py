@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import tvm
@@ -321,14 +321,17 @@ def select_convs(
     return decisions
 
 
-def _fastest(layer, times: dict[str, float], sparse: str) -> Decision:
-    """The measured winner among named kernels ("dense" included unless sparse='force')."""
-    pool = {n: t for n, t in times.items() if n != DENSE} if sparse == "force" else times
+def _fastest(
+    layer, times: dict[str, float], sparse: str, dense: str = DENSE, label: str = "dense"
+) -> Decision:
+    """The measured winner among named kernels (the dense one, named `dense` and called
+    `label` in the reason, included unless sparse='force')."""
+    pool = {n: t for n, t in times.items() if n != dense} if sparse == "force" else times
     best = min(pool, key=pool.get)
-    if best == DENSE:
-        why = "dense measured fastest"
+    if best == dense:
+        why = f"{label} measured fastest"
     else:
-        why = f"measured fastest: {times[DENSE] / times[best]:.1f}x faster than dense"
+        why = f"measured fastest: {times[dense] / times[best]:.1f}x faster than {label}"
     return Decision(layer, best, None, times, why)
 
 
@@ -498,11 +501,6 @@ def select_int8(
             continue
         variants = {v.name: v for v, _ in cands}
         times = {name: time_int8(layer, v, target, cache) for name, v in variants.items()}
-        pool = {n: t for n, t in times.items() if variants[n].sparse or sparse != "force"}
-        best = min(pool, key=pool.get)
-        if best == dense.name:
-            why = "dense int8 measured fastest"
-        else:
-            why = f"measured fastest: {times[dense.name] / times[best]:.1f}x faster than dense int8"
-        decisions.append(Decision(layer, best, variants[best], times, why))
+        decision = _fastest(layer, times, sparse, dense=dense.name, label="dense int8")
+        decisions.append(replace(decision, variant=variants[decision.kernel]))
     return decisions
