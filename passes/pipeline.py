@@ -8,10 +8,12 @@ from collections.abc import Callable
 import tvm
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
+from tvm.s_tir import SBlockRealize
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.meta_schedule.database import Database
 
 from tvm_sparse.schedules import default_rules
+from tvm_sparse.schedules.common import PREPACK_ATTR
 
 PHASES = ("simplify", "legalize", "schedule")
 
@@ -30,13 +32,56 @@ def _phase_passes(name: str, target: tvm.target.Target) -> list[tvm.transform.Pa
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),
             relax.transform.FuseTIR(),
+            # Weights and constants may be read in a packed layout (schedules.common.prepack).
+            relax.transform.AttachAttrLayoutFreeBuffers(),
         ]
     if name == "schedule":
         # Tuned records first (from the current MetaSchedule database, see tvm_sparse.tuning);
         # the default rules then schedule whatever the database does not cover.
         tuned = [relax.transform.MetaScheduleApplyDatabase()] if Database.current() else []
-        return tuned + [dl.ApplyDefaultSchedule(*default_rules())]
+        # Weight repacking blocks become functions of their own, run at compile time.
+        prepack = [
+            _split_layout_rewrite_preproc(),
+            relax.transform.FoldConstant(),
+        ]
+        return tuned + [dl.ApplyDefaultSchedule(*default_rules())] + prepack
     raise ValueError(f"unknown phase {name!r}")
+
+
+def _packs_weights(func: tvm.tirx.PrimFunc) -> bool:
+    """Whether `func` has a weight-prepacking block (``schedules.common.PREPACK_ATTR``)."""
+    if not func.attrs or "layout_free_buffers" not in func.attrs:
+        return False
+    if not isinstance(func.body, SBlockRealize):
+        return False
+    return PREPACK_ATTR in func.script(show_meta=False)
+
+
+def _split_layout_rewrite_preproc() -> tvm.transform.Pass:
+    """Relax's SplitLayoutRewritePreproc (the weight-packing blocks of a PrimFunc become a
+    function of their own) over the PrimFuncs that pack weights: it rejects some that do not
+    (bodies without a root block or without child blocks: our hand-written kernels), so the
+    others are set aside while it runs."""
+
+    @tvm.transform.module_pass(opt_level=0, name="SplitLayoutRewritePreprocTolerant")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        aside = {
+            gv: func
+            for gv, func in mod.functions.items()
+            if isinstance(func, tvm.tirx.PrimFunc) and not _packs_weights(func)
+        }
+        attrs = {key: mod.attrs[key] for key in mod.attrs.keys()} if mod.attrs else None
+        kept = tvm.IRModule(
+            {gv: f for gv, f in mod.functions.items() if gv not in aside},
+            attrs=attrs,
+            global_infos=mod.global_infos,
+        )
+        out = relax.transform.SplitLayoutRewritePreproc()(kept)
+        for gv, func in aside.items():
+            out[gv] = func
+        return out
+
+    return _pass
 
 
 def optimize(

@@ -15,7 +15,14 @@ __all__ = [
     "vector_width",
     "schedule_leftover",
     "choose_factor",
+    "layout_free",
+    "prepack",
 ]
+
+# The annotation MetaSchedule's RewriteLayout puts on a weight-repacking block; Relax's
+# SplitLayoutRewritePreproc moves such blocks into their own function, which FoldConstant then
+# runs at compile time when the weight is a constant.
+PREPACK_ATTR = "meta_schedule.layout_rewrite_preproc"
 
 # Work below this many output elements is not worth waking the thread pool for (~2-5 us).
 PARALLEL_MIN_ELEMS = 16384
@@ -106,3 +113,33 @@ def choose_factor(sch: s_tir.Schedule, choices, default: int, tune: bool):
     """
     rv = choose_rv(sch, choices, default, tune)
     return int(sch.get(rv)), rv
+
+
+def layout_free(sch: s_tir.Schedule, buffer: tirx.Buffer) -> bool:
+    """Whether `buffer` is a parameter that Relax marked layout-free (a model weight or
+    constant, see ``relax.transform.AttachAttrLayoutFreeBuffers``): the kernel may then read it
+    in any layout, packed once at compile time.
+
+    The Python PrimFunc exposes no buffer map; parameters and their buffers share names in the
+    functions Relax legalisation and FuseTIR produce, so the name identifies the parameter (an
+    ambiguous name means no).
+    """
+    func = sch.mod["main"]
+    free = func.attrs.get("layout_free_buffers") if func.attrs else None
+    if not free:
+        return False
+    names = [p.name for p in func.params]
+    if names.count(buffer.name) != 1:
+        return False
+    return names.index(buffer.name) in {int(i) for i in free}
+
+
+def prepack(sch: s_tir.Schedule, block, read_index: int, index_map):
+    """Read input `read_index` of `block` from a copy in the layout `index_map` gives; the copy
+    is a root-level block annotated for Relax's weight-prepacking passes (see PREPACK_ATTR), so
+    the build runs it once at compile time, and MetaSchedule's builder leaves it out of the
+    measured kernel. Returns the copy block."""
+    packed = sch.cache_read(block, read_index, "global")
+    sch.transform_layout(packed, ("write", 0), index_map)
+    sch.annotate(packed, PREPACK_ATTR, True)
+    return packed

@@ -27,7 +27,14 @@ from tvm.sym import detect_linear_equation
 from tvm.target import Target
 from tvm.tirx import IndexMap
 
-from .common import choose_factor, const_extent, inline_epilogues, normalize_prim_func
+from .common import (
+    choose_factor,
+    const_extent,
+    inline_epilogues,
+    layout_free,
+    normalize_prim_func,
+    prepack,
+)
 from .spaces import Space, choose, register
 
 ROLES = ("n", "co", "oh", "ow", "rc", "ry", "rx")
@@ -276,11 +283,17 @@ def _schedule_channel_tile(sch: s_tir.Schedule, conv: ConvBlock, knobs: dict):
     sch.reverse_compute_at(acc, tile_loop, preserve_unit_loops=True)
     inline_epilogues(sch, acc)
     w_index = next(i for i, r in enumerate(sch.get(block).reads) if r.source.same_as(conv.weight))
-    packed = sch.cache_read(block, w_index, "global")
-    sch.compute_at(packed, par, preserve_unit_loops=True)
-    sch.transform_layout(packed, ("write", 0), lambda co, ci, ry, rx: (ci, ry, rx, co))
-    pack_loops = sch.get_loops(packed)[1:]
-    sch.reorder(*pack_loops[1:], pack_loops[0])  # contiguous writes
+    if layout_free(sch, conv.weight):
+        # A constant weight: packed once at compile time as [co / cb, ci, ry, rx, cb], cb the
+        # channels of one tile, so every tile streams one contiguous panel.
+        cb = knobs["vectors"][0] * LANES
+        prepack(sch, block, w_index, lambda co, ci, ry, rx: (co // cb, ci, ry, rx, co % cb))
+    else:  # repacked to [ci, ry, rx, co] by each parallel task, for the channels it computes
+        packed = sch.cache_read(block, w_index, "global")
+        sch.compute_at(packed, par, preserve_unit_loops=True)
+        sch.transform_layout(packed, ("write", 0), lambda co, ci, ry, rx: (ci, ry, rx, co))
+        pack_loops = sch.get_loops(packed)[1:]
+        sch.reorder(*pack_loops[1:], pack_loops[0])  # contiguous writes
     sch.parallel(par)
     for loop in pixel:
         sch.unroll(loop)

@@ -17,7 +17,9 @@ from .common import (
     choose_factor,
     const_extent,
     inline_epilogues,
+    layout_free,
     normalize_prim_func,
+    prepack,
     schedule_leftover,
     vector_width,
 )
@@ -255,7 +257,13 @@ def apply_matmul(sch: s_tir.Schedule, target: Target, tune: bool, order: int | N
     sch.reverse_compute_at(acc, acc_at, preserve_unit_loops=True)
     inline_epilogues(sch, acc)
     b_index = _b_read_index(sch, block_rv)
-    if cfg.pack_b and b_index is not None:
+    b_buffer = sch.get(block_rv).reads[b_index].source if b_index is not None else None
+    if b_buffer is not None and len(b_buffer.shape) == 2 and layout_free(sch, b_buffer):
+        # A constant B: packed once at compile time into column panels [N / w, K, w], w the
+        # tile width, so a tile streams one contiguous panel.
+        width = cfg.vectors[0] * cfg.lanes
+        prepack(sch, block_rv, b_index, lambda kk, jj: (jj // width, kk, jj % width))
+    elif cfg.pack_b and b_index is not None:
         # B rows are N apart: a K x 64 panel maps onto few L1 sets. A contiguous copy per task.
         packed = sch.cache_read(block_rv, b_index, "global")
         sch.compute_at(packed, pack_at, preserve_unit_loops=True)

@@ -53,7 +53,7 @@ class Space:
     apply
         ``apply(sch, target, tune)``: schedule ``sch.mod["main"]`` in place; False if it cannot.
     postprocs
-        MetaSchedule postprocessors for tuning (``None``: the target's defaults; sparse
+        MetaSchedule postprocessors for tuning (``None``: :func:`default_postprocs`; sparse
         kernels need a list without ``DisallowDynamicLoop``).
     structures
         ``(keyword, values)`` of a choice that changes the loop nest (e.g. matmul loop orders).
@@ -86,6 +86,19 @@ def space_for(func: tirx.PrimFunc) -> Space | None:
     return None
 
 
+def default_postprocs() -> list:
+    """MetaSchedule's LLVM postprocessors minus ``RewriteLayout``: our families pack their
+    constant weights themselves (``common.prepack``), and RewriteLayout would re-pack the
+    already packed weight with a layout of its own."""
+    from tvm.s_tir import meta_schedule as ms
+
+    return [
+        ms.postproc.DisallowDynamicLoop(),
+        ms.postproc.RewriteParallelVectorizeUnroll(),
+        ms.postproc.RewriteReductionBlock(),
+    ]
+
+
 def schedule_fn(space: Space, target: Target):
     """A MetaSchedule ``ScheduleFn`` sampling `space` (no extra schedule rules)."""
     from tvm.s_tir import meta_schedule as ms
@@ -101,7 +114,7 @@ def schedule_fn(space: Space, target: Target):
             raise ValueError(f"design space {space.name!r} does not apply to this workload")
         return designs
 
-    postprocs = space.postprocs() if space.postprocs is not None else "from-target"
+    postprocs = space.postprocs() if space.postprocs is not None else default_postprocs()
     return ms.space_generator.ScheduleFn(
         sample, sch_rules=[], postprocs=postprocs, mutator_probs="from-target"
     )

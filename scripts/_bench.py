@@ -1,10 +1,18 @@
-"""Timing helpers shared by the benchmark scripts: ORT and TVM timed in separate phases."""
+"""Timing helpers shared by the benchmark scripts: ORT and TVM timed in separate phases.
+
+Measured on this machine: after an ONNX Runtime session has run in a process, TVM code in that
+process runs ~10-15 % slower, even once the session is deleted. So the benchmarks time each
+side in a fresh process (:func:`time_fresh`): ``python scripts/_bench.py --time ort|tvm PATH
+SECONDS`` prints seconds per run of an ONNX file (ORT) or a saved tvm-sparse build.
+"""
 
 from __future__ import annotations
 
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -97,3 +105,36 @@ def macs(model: onnx.ModelProto) -> tuple[float, float]:
                 dense += steps * w.size
                 nonzero += steps * np.count_nonzero(w)
     return dense, nonzero
+
+
+def time_fresh(side: str, path: str, seconds: float) -> float:
+    """Seconds per run of `path` timed in a fresh process: an ONNX file under ONNX Runtime
+    (``side="ort"``) or a directory saved by ``CompiledModel.save`` (``side="tvm"``)."""
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--time", side, path, str(seconds)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def _time_main(side: str, path: str, seconds: float) -> float:
+    if side == "ort":
+        model = onnx.load(path)
+        return time_ort(
+            ort_session(model, len(os.sched_getaffinity(0))), random_inputs(model), seconds
+        )
+    import tvm_sparse
+
+    cm = tvm_sparse.load(path)
+    inputs = {
+        s.name: np.random.default_rng(0).standard_normal(s.shape).astype(s.dtype) for s in cm.inputs
+    }
+    return time_tvm(cm, inputs, seconds)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 5 or sys.argv[1] != "--time" or sys.argv[2] not in ("ort", "tvm"):
+        sys.exit("usage: _bench.py --time ort|tvm PATH SECONDS")
+    print(_time_main(sys.argv[2], sys.argv[3], float(sys.argv[4])))
