@@ -379,18 +379,33 @@ def epilogue_operands(layer: QuantLayer, npad: int) -> tuple[np.ndarray, np.ndar
     return bias, scale
 
 
-def emit_int8(bb: relax.BlockBuilder, layer: QuantLayer, variant: Int8Variant, x_q: relax.Expr):
-    """Emit pack + kernel for `layer` on its quantized input; returns the quantized output."""
+def emit_int8(
+    bb: relax.BlockBuilder,
+    layer: QuantLayer,
+    variant: Int8Variant,
+    x_q: relax.Expr,
+    quantized_from: tuple[relax.Expr, float, int] | None = None,
+    dequantize: float | None = None,
+):
+    """Emit pack + kernel for `layer` on its quantized input; returns the quantized output.
+
+    `quantized_from` = (float input, scale, zero point) when `x_q` is a per-tensor
+    QuantizeLinear of a float tensor: the pack then quantizes (one pass, `x_q` unused).
+    `dequantize` = the scale of the output's only consumer, a DequantizeLinear: the kernel then
+    writes its float32 value."""
     n, k = layer.shape
     p = layer.columns
     pp = int8_matmul.padded_columns(p)
     tag = layer.key.split(":")[1][:8]
+    operand = x_q if quantized_from is None else quantized_from[0]
+    quant = None if quantized_from is None else quantized_from[1:]
     if layer.kind == "matmul":
-        pack = int8_pack.from_rowmajor(p, k, layer.x_dtype, columns=pp)
-        operand = x_q
+        if quant is None:
+            pack = int8_pack.from_rowmajor(p, k, layer.x_dtype, columns=pp)
+        else:
+            pack = int8_pack.quantize_rowmajor(p, k, *quant, layer.x_dtype, columns=pp)
     else:  # reads and writes NCHW directly: a reshape here would cost a copy
-        pack = int8_pack.from_kmajor(k, p, layer.x_dtype, hw=layer.hw, columns=pp)
-        operand = x_q
+        pack = int8_pack.from_kmajor(k, p, layer.x_dtype, hw=layer.hw, columns=pp, quantize=quant)
     pack_gv = bb.add_func(pack, f"{pack.attrs['tvm_sparse.kernel']}_{tag}")
     xp = bb.emit(
         relax.call_tir(pack_gv, [operand], relax.TensorType([k // GROUP, pp, GROUP], "uint8"))
@@ -409,35 +424,75 @@ def emit_int8(bb: relax.BlockBuilder, layer: QuantLayer, variant: Int8Variant, x
         layer.relu,
         rows_out=rows_out,
         conv_hw=layer.hw,
+        dequantize=dequantize,
     )
     func = func.with_attr("tvm_sparse.layer_key", layer.key)
     gv = bb.add_func(func, f"{variant.name}_{tag}")
     args = [xp] + [relax.const(w, str(w.dtype)) for w in weights]
     args += [relax.const(bias, "int32"), relax.const(scale, "float32")]
     out_shape = [p, npad] if rows_out is not None else [1, npad, *layer.hw]
-    y = bb.emit(relax.call_tir(gv, args, relax.TensorType(out_shape, layer.y_dtype)))
+    y_dtype = layer.y_dtype if dequantize is None else "float32"
+    y = bb.emit(relax.call_tir(gv, args, relax.TensorType(out_shape, y_dtype)))
     if npad != n:  # rows padded to the block height (columns of a MatMul, channels of a conv)
         y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n]))
     return y
 
 
+def _use_counts(func: relax.Function) -> dict:
+    """How many times each variable of `func` is used."""
+    counts: dict = {}
+
+    def visit(node):
+        if isinstance(node, relax.Var):
+            counts[node] = counts.get(node, 0) + 1
+
+    relax.analysis.post_order_visit(func.body, visit)
+    return counts
+
+
+def _float_source(x_q, bindings, dtype: str) -> tuple[relax.Expr, float, int] | None:
+    """(float input, scale, zero point) when `x_q` is a per-tensor QuantizeLinear to `dtype`
+    of a float32 tensor."""
+    call = _call_of(x_q, bindings, "quantize")
+    if call is None or str(call.ty.dtype) != dtype or str(call.args[0].ty.dtype) != "float32":
+        return None
+    scale, zp = (_const_value(a, bindings) for a in call.args[1:3])
+    if scale is None or zp is None or scale.size != 1 or zp.size != 1:
+        return None
+    return call.args[0], float(scale.reshape(())), int(zp.reshape(()))
+
+
 @mutator
 class _Rewriter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, plan: dict, bindings: dict):
+    def __init__(self, mod: tvm.IRModule, plan: dict, bindings: dict, uses: dict):
         super().__init__(mod)
-        self.plan, self.bindings = plan, bindings
+        self.plan, self.bindings, self.uses = plan, bindings, uses
 
     def _planned(self, expr) -> bool:
         found = match_any(_bound(expr, self.bindings), self.bindings)
         return found is not None and found[0].key in self.plan
 
+    def _emit(self, layer: QuantLayer, x_q, dequantize: float | None = None) -> relax.Expr:
+        source = _float_source(x_q, self.bindings, layer.x_dtype)
+        if layer.kind == "matmul" and layer.shape[1] < int8_pack.QUANTIZE_ROWMAJOR_MIN_K:
+            source = None
+        if source is not None:
+            source = (self.visit_expr(source[0]), *source[1:])
+        x = self.visit_expr(x_q) if source is None else x_q
+        return emit_int8(self.builder_, layer, self.plan[layer.key], x, source, dequantize)
+
     def _dequantize(self, call: relax.Call) -> relax.Expr | None:
-        """A fast flat dequantize for a per-tensor DequantizeLinear of an int8 kernel's output."""
+        """A per-tensor DequantizeLinear of an int8 kernel's output: fused into the kernel when
+        it is the output's only consumer, else a fast flat dequantize."""
         scale, zp = (_const_value(a, self.bindings) for a in call.args[1:3])
         if scale is None or zp is None or scale.size != 1 or zp.size != 1:
             return None
         if not self._planned(call.args[0]) or str(call.ty.dtype) != "float32":
             return None
+        arg = call.args[0]
+        layer, x_q = match_any(_bound(arg, self.bindings), self.bindings)
+        if self.uses.get(arg, 0) == 1 and int(zp.reshape(())) == layer.y_zp:
+            return self._emit(layer, x_q, float(scale.reshape(())))
         q = self.visit_expr(call.args[0])
         shape = [int(d) for d in q.ty.shape.values]
         func = int8_pack.dequantize_flat(
@@ -454,8 +509,7 @@ class _Rewriter(PyExprMutator):
         found = match_any(call, self.bindings)
         if found is None or found[0].key not in self.plan:
             return super().visit_call_(call)
-        layer, x_q = found
-        return emit_int8(self.builder_, layer, self.plan[layer.key], self.visit_expr(x_q))
+        return self._emit(*found)
 
 
 @tvm.transform.module_pass(opt_level=0, name="RewriteQuantized")
@@ -470,7 +524,7 @@ class RewriteQuantized:
             return mod
         funcs = [(gv, f) for gv, f in mod.functions_items() if isinstance(f, relax.Function)]
         for gv, func in funcs:
-            rewriter = _Rewriter(mod, self.plan, _collect_bindings(func))
+            rewriter = _Rewriter(mod, self.plan, _collect_bindings(func), _use_counts(func))
             rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
             mod = rewriter.builder_.get()
         return relax.transform.DeadCodeElimination()(mod)

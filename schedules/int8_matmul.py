@@ -118,6 +118,7 @@ def int8_wx(
     relu: bool = False,
     rows_out: int | None = None,
     conv_hw: tuple[int, int] | None = None,
+    dequantize: float | None = None,
 ) -> tirx.PrimFunc:
     """The kernel for one layer shape.
 
@@ -140,6 +141,9 @@ def int8_wx(
         MatMul output, written transposed from the tile (columns past M dropped).
     conv_hw
         (H, W) with H * W <= p: Y is the NCHW conv output [1, n, H, W] (no reshape copy).
+    dequantize
+        The scale of a DequantizeLinear of the output, fused: Y is float32
+        ``(q - zp) * dequantize``, computed as ``clamped * dequantize`` (the same value).
 
     Returns
     -------
@@ -154,15 +158,19 @@ def int8_wx(
         y_shape = (1, n, *conv_hw)
     p_valid = conv_hw[0] * conv_hw[1] if conv_hw else p
 
+    y_dtype = "float32" if dequantize is not None else out_dtype
+
     def q(acc_v, bias_v, scale_v):
         real = tirx.Cast("float32", acc_v + bias_v) * scale_v
         clamped = tirx.max(tirx.min(tirx.nearbyint(real), tirx.const(hi, "float32")), lo)
+        if dequantize is not None:
+            return clamped * tirx.const(dequantize, "float32")
         return tirx.Cast(out_dtype, clamped + tirx.const(float(zp), "float32"))
 
     @T.macro
     def requant(acc, bias, scale, Y, vb, vp):
         if conv_hw is not None:  # Y is [1, n, H, W]: write it through a flat [n, H*W] view
-            flat = T.decl_buffer((n, p_valid), out_dtype, data=Y.data)
+            flat = T.decl_buffer((n, p_valid), y_dtype, data=Y.data)
             for i in T.unroll(r):
                 for v in T.unroll(mv):
                     if vp * pv + v * 16 + 16 <= p_valid:
@@ -186,9 +194,9 @@ def int8_wx(
                     Y[vp * pv + j, vb * r + i] = q(acc[i, j], bias[vb * r + i], scale[vb * r + i])
 
     if variant.sparse:
-        func = _bsr_kernel(n, kg, p, r, mv, pv, nb, max(nnzb, 1), y_shape, out_dtype, requant)
+        func = _bsr_kernel(n, kg, p, r, mv, pv, nb, max(nnzb, 1), y_shape, y_dtype, requant)
     else:
-        func = _dense_kernel(n, kg, p, r, mv, pv, nb, y_shape, out_dtype, requant)
+        func = _dense_kernel(n, kg, p, r, mv, pv, nb, y_shape, y_dtype, requant)
     return _attrs(_tensorize(func), variant.name)
 
 

@@ -15,7 +15,11 @@ from tvm.script import tirx as T
 
 from tvm_sparse._compat import ATTR_NOALIAS, ATTR_SCHEDULED
 
+from . import tile_transpose as tt
 from .int8_vnni import GROUP, LANES
+
+QRANGE = {"uint8": (0, 255), "int8": (-128, 127)}
+ON_STACK = {"disable_lower_builtin": True}
 
 _SIGN_FLIP = -2139062144  # 0x80808080 as int32
 
@@ -39,25 +43,43 @@ def _attrs(func: tirx.PrimFunc, name: str) -> tirx.PrimFunc:
     )
 
 
+def quantize_value(x, scale: float, zp: int, dtype: str):
+    """ONNX QuantizeLinear of a float32 value as TVM legalizes it (``round(x / scale) + zp``,
+    round half to even, saturated to `dtype`), as the int32 of the byte the kernels read
+    (int8 shifted by +128)."""
+    lo, hi = QRANGE[dtype]
+    shift = 128 if dtype == "int8" else 0
+    scaled = tirx.nearbyint(x / tirx.const(scale, "float32")) + tirx.const(float(zp), "float32")
+    clamped = tirx.max(tirx.min(scaled, tirx.const(float(hi), "float32")), float(lo))
+    return tirx.Cast("int32", clamped) + shift
+
+
 def from_kmajor(
     k: int,
     p: int,
     dtype: str = "uint8",
     hw: tuple[int, int] | None = None,
     columns: int | None = None,
+    quantize: tuple[float, int] | None = None,
 ) -> tirx.PrimFunc:
     """X[K, P] (or, with `hw`, the NCHW tensor [1, K, H, W], P = H * W) ->
-    Xp[K/4, columns, 4], zero padded (K % 4 == 0 required; columns default ceil(P/16)*16)."""
+    Xp[K/4, columns, 4], zero padded (K % 4 == 0 required; columns default ceil(P/16)*16).
+
+    With ``quantize=(scale, zero_point)`` X is float32 and quantized to `dtype` on the way
+    (QuantizeLinear fused into the pack: one pass over the activation instead of two)."""
     kg, pp = _padded(k, p)
     pp = columns or pp
     if k % GROUP:
         raise ValueError(f"reduction length {k} is not a multiple of {GROUP}")
-    flip = _SIGN_FLIP if dtype == "int8" else 0
+    flip = _SIGN_FLIP if dtype == "int8" and quantize is None else 0
     body = p // LANES * LANES
     x_shape = (1, k, *hw) if hw else (k, p)
     x_all = tuple(slice(0, d) for d in x_shape)
+    x_dtype = "float32" if quantize else dtype
 
     def load(X, row, col):
+        if quantize:
+            return quantize_value(X[row, col], quantize[0], quantize[1], dtype)
         return tirx.Cast("int32", tirx.Cast("uint8", X[row, col]))
 
     def word(X, g, col):
@@ -67,12 +89,12 @@ def from_kmajor(
         return tirx.bitwise_xor(value, flip)
 
     @T.prim_func(s_tir=True)
-    def kernel(X: T.Buffer(x_shape, dtype), Xp: T.Buffer((kg, pp, 4), "uint8")):
+    def kernel(X: T.Buffer(x_shape, x_dtype), Xp: T.Buffer((kg, pp, 4), "uint8")):
         with T.sblock("root"):
             T.reads(X[x_all])
             T.writes(Xp[0:kg, 0:pp, 0:4])
             words = T.decl_buffer((kg, pp), "int32", data=Xp.data)
-            flat = T.decl_buffer((k, p), dtype, data=X.data)  # NCHW [1, K, H, W] as [K, H*W]
+            flat = T.decl_buffer((k, p), x_dtype, data=X.data)  # NCHW [1, K, H, W] as [K, H*W]
             for g in T.parallel(kg):
                 for v in range(body // LANES):
                     for j in T.vectorized(LANES):
@@ -82,7 +104,7 @@ def from_kmajor(
                     if body + j < p:
                         words[g, body + j] = word(flat, g, body + j)
 
-    return _attrs(kernel, f"pack_kmajor_{dtype}")
+    return _attrs(kernel, f"pack_kmajor_{'quantize_' if quantize else ''}{dtype}")
 
 
 def from_rowmajor(
@@ -109,6 +131,76 @@ def from_rowmajor(
                         words[g, i] = T.bitwise_xor(src[i, g], flip)
 
     return _attrs(kernel, f"pack_rowmajor_{dtype}")
+
+
+#: `quantize_rowmajor` works on tiles of 64 reduction elements.
+QUANTIZE_ROWMAJOR_MIN_K = 64
+
+
+def quantize_rowmajor(
+    m: int, k: int, scale: float, zp: int, dtype: str = "uint8", columns: int | None = None
+) -> tirx.PrimFunc:
+    """float32 X[M, K] -> Xp[K/4, columns, 4]: QuantizeLinear (per tensor) fused with
+    `from_rowmajor`'s word transpose (K % 4 == 0 required).
+
+    Per 16 rows x 64 columns: the row segments are quantized with contiguous vector loads
+    into a 1 KB stack tile, whose bytes already are the 16 x 16 words of those rows, and the
+    tile's words are transposed into Xp from there (one pass over the activation instead of a
+    quantize pass plus a pack pass). Rows past M are zero. (The 16 x 16 register transpose of
+    `tile_transpose` crashed at run time when called from this kernel; not investigated.)"""
+    kg, mp = _padded(k, m)
+    mp = columns or mp
+    if k % GROUP or k < QUANTIZE_ROWMAJOR_MIN_K:
+        raise ValueError(f"reduction length {k}: needs a multiple of {GROUP}, at least 64")
+    g16 = kg // tt.TILE  # full tiles of 16 words along K
+    m16 = -(-m // tt.TILE)
+    span = tt.TILE * GROUP  # floats of one row per tile
+
+    def word(X, i, g):
+        value = quantize_value(X[i, g * 4], scale, zp, dtype)
+        for e in (1, 2, 3):
+            value = value | tirx.shift_left(
+                quantize_value(X[i, g * 4 + e], scale, zp, dtype), 8 * e
+            )
+        return value
+
+    @T.prim_func(s_tir=True)
+    def kernel(X: T.Buffer((m, k), "float32"), Xp: T.Buffer((kg, mp, 4), "uint8")):
+        with T.sblock("root"):
+            T.reads(X[0:m, 0:k])
+            T.writes(Xp[0:kg, 0:mp, 0:4])
+            words = T.decl_buffer((kg * mp,), "int32", data=Xp.data)
+            for t in T.parallel(m16 * g16):
+                tile = T.alloc_buffer((tt.TILE * tt.TILE,), "int32", annotations=ON_STACK)
+                tile_bytes = T.decl_buffer((tt.TILE * span,), "uint8", data=tile.data)
+                for r in range(tt.TILE):
+                    if (t // g16) * tt.TILE + r < m:
+                        for j in T.vectorized(span):
+                            tile_bytes[r * span + j] = T.Cast(
+                                "uint8",
+                                quantize_value(
+                                    X[(t // g16) * tt.TILE + r, (t % g16) * span + j],
+                                    scale,
+                                    zp,
+                                    dtype,
+                                ),
+                            )
+                    else:
+                        for j in T.vectorized(tt.TILE):
+                            tile[r * tt.TILE + j] = 0
+                for w, i in T.grid(tt.TILE, tt.TILE):
+                    words[((t % g16) * tt.TILE + w) * mp + (t // g16) * tt.TILE + i] = tile[
+                        i * tt.TILE + w
+                    ]
+            for g in range(g16 * tt.TILE, kg):  # words past the last full tile
+                for i in range(mp):
+                    words[g * mp + i] = 0
+                    if i < m:
+                        words[g * mp + i] = word(X, i, g)
+            for g, i in T.grid(g16 * tt.TILE, mp - m16 * tt.TILE):  # padding columns
+                words[g * mp + m16 * tt.TILE + i] = 0
+
+    return _attrs(kernel, f"pack_rowmajor_quantize_{dtype}")
 
 
 def dequantize_flat(shape: tuple[int, ...], dtype: str, scale: float, zp: int) -> tirx.PrimFunc:

@@ -210,3 +210,74 @@ def test_nchw_conv_form(variant, hw):
     _build(func)(xp, *[tvm.runtime.tensor(a) for a in (*weights, bias, scale)], out)
     want = reference(layer, x).reshape(1, n, *hw)
     np.testing.assert_array_equal(out.numpy()[:, :n], want, err_msg=variant.name)
+
+
+def _quantize_np(x: np.ndarray, scale: float, zp: int, dtype: str) -> np.ndarray:
+    """QuantizeLinear: round half to even of x / scale, plus zp, saturated."""
+    lo, hi = int8_matmul.QRANGE[dtype]
+    q = np.clip(np.rint(x / np.float32(scale)) + zp, lo, hi).astype(dtype)
+    return q
+
+
+@pytest.mark.parametrize("dtype,zp", [("uint8", 131), ("int8", -3)])
+@pytest.mark.parametrize("m,k", [(64, 128), (7, 72)])
+def test_quantize_rowmajor_matches_quantize_then_pack(m, k, dtype, zp):
+    rng = np.random.default_rng(5)
+    scale = 0.0173
+    x = (rng.standard_normal((m, k)) * 1.5).astype(np.float32)
+    x[0, :8] = np.float32(scale) * np.array([0.5, 1.5, 2.5, -0.5, -1.5, 300, -300, 0], np.float32)
+    cols = -(-m // 16) * 16 + 16  # one padding vector past the tiles
+    lib = _build(int8_pack.quantize_rowmajor(m, k, scale, zp, dtype, columns=cols))
+    out = tvm.runtime.tensor(np.full((k // 4, cols, 4), SENTINEL, np.uint8))
+    lib["main"](tvm.runtime.tensor(x), out)
+    expected = np.zeros((k // 4, cols, 4), np.uint8)
+    expected[:, :m] = int8_matmul.pack_activations(_quantize_np(x, scale, zp, dtype).T)[:, :m]
+    np.testing.assert_array_equal(out.numpy(), expected)
+
+
+@pytest.mark.parametrize("dtype,zp", [("uint8", 128), ("int8", 5)])
+def test_kmajor_pack_quantizes_nchw(dtype, zp):
+    rng = np.random.default_rng(6)
+    scale, k, hw = 0.021, 8, (5, 7)
+    x = rng.standard_normal((1, k, *hw)).astype(np.float32)
+    p = hw[0] * hw[1]
+    lib = _build(int8_pack.from_kmajor(k, p, dtype, hw=hw, columns=48, quantize=(scale, zp)))
+    out = tvm.runtime.tensor(np.full((k // 4, 48, 4), SENTINEL, np.uint8))
+    lib["main"](tvm.runtime.tensor(x), out)
+    q = _quantize_np(x.reshape(k, p), scale, zp, dtype)
+    expected = np.zeros((k // 4, 48, 4), np.uint8)
+    expected[:, :p] = int8_matmul.pack_activations(q)[:, :p]
+    np.testing.assert_array_equal(out.numpy(), expected)
+
+
+def test_dequantize_epilogue_equals_kernel_then_dequantize():
+    rng = np.random.default_rng(8)
+    n, k, p = 32, 64, 48
+    layer = QuantLayer(
+        key="t:00000000",
+        kind="conv1x1",
+        weight=rng.integers(-127, 128, (n, k)).astype(np.int8),
+        columns=p,
+        x_dtype="uint8",
+        x_zp=120,
+        bias=rng.integers(-500, 500, n).astype(np.int32),
+        scale=np.full(n, 0.0011, np.float32),
+        y_dtype="uint8",
+        y_zp=100,
+        relu=True,
+    )
+    variant = Int8Variant(4, sparse=False)
+    x = rng.integers(0, 256, (k, p)).astype(np.uint8)
+    xp = tvm.runtime.tensor(int8_matmul.pack_activations(x))
+    weights, npad, _ = weight_operands(layer, variant)
+    bias, scale = epilogue_operands(layer, npad)
+    args = [tvm.runtime.tensor(a) for a in (*weights, bias, scale)]
+    y_scale = 0.05
+    lib = _build(
+        int8_matmul.int8_wx(npad, k // 4, p, variant, 0, "uint8", 100, True, dequantize=y_scale)
+    )
+    y = tvm.runtime.tensor(np.zeros((npad, p), np.float32))
+    lib["main"](xp, *args, y)
+    q = reference(layer, x)
+    expected = (q.astype(np.int32) - 100).astype(np.float32) * np.float32(y_scale)
+    np.testing.assert_array_equal(y.numpy(), expected)
