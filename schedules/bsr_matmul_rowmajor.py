@@ -22,6 +22,7 @@ from tvm_sparse.formats import BSR
 
 from . import tile_transpose as tt
 from .bsr_matmul import Variant
+from .common import ON_STACK
 
 FORM = "rm"
 BLOCKS = ((1, 1), (4, 1), (8, 1), (16, 1), (1, 4), (4, 4), (8, 8))
@@ -29,7 +30,6 @@ VARIANTS: tuple[Variant, ...] = tuple(Variant(r, c, FORM) for r, c in BLOCKS)
 # Register budget of one accumulator tile (bytes): "global" scratch under 1 KB is promoted to
 # registers; 16 zmm of 32 leaves room for the broadcasts and loads.
 ACCUMULATOR_BYTES = 1024
-ON_STACK = {"disable_lower_builtin": True}
 FLOAT_MIN = -3.4028234663852886e38
 G = tt.TILE
 # Output rows computed into the stack stage before they are transposed into Y.

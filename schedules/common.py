@@ -24,6 +24,10 @@ __all__ = [
 # runs at compile time when the weight is a constant.
 PREPACK_ATTR = "meta_schedule.layout_rewrite_preproc"
 
+# A T.alloc_buffer annotation: keep the buffer on the stack (an LLVM alloca) instead of a
+# TVMBackendAllocWorkspace call per loop iteration.
+ON_STACK = {"disable_lower_builtin": True}
+
 # Work below this many output elements is not worth waking the thread pool for (~2-5 us).
 PARALLEL_MIN_ELEMS = 16384
 

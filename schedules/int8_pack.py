@@ -16,10 +16,9 @@ from tvm.script import tirx as T
 from tvm_sparse._compat import ATTR_NOALIAS, ATTR_SCHEDULED
 
 from . import tile_transpose as tt
+from .common import ON_STACK
+from .int8_matmul import QRANGE
 from .int8_vnni import GROUP, LANES
-
-QRANGE = {"uint8": (0, 255), "int8": (-128, 127)}
-ON_STACK = {"disable_lower_builtin": True}
 
 _SIGN_FLIP = -2139062144  # 0x80808080 as int32
 

@@ -14,14 +14,15 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
+from .common import ON_STACK  # noqa: F401 - re-exported
+
 # The macros bind no scalar names inside T.vectorized loops: in TVM 0.27 the vectorizer turns
 # `m = p * u + j` into a scalar variable holding a vector (silently wrong results).
 # Intermediate gate values live in the accumulator buffer instead.
 #
 # Accumulators must be stack arrays for LLVM to keep them in registers: TVM moves allocations
 # of 1024 bytes or more to a heap workspace (every FMA then goes through memory) unless they
-# carry this annotation.
-ON_STACK = {"disable_lower_builtin": True}
+# carry the ON_STACK annotation (re-exported here for the recurrent kernels).
 
 
 # Eigen's generic_fast_tanh_float: a 13/6 rational minimax fit, about 2 ulp on the clamp range

@@ -26,7 +26,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +33,14 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 
 import numpy as np  # noqa: E402
-from _bench import machine, macs, ort_session, random_inputs, time_ort  # noqa: E402
+from _bench import (  # noqa: E402
+    machine,
+    macs,
+    ort_session,
+    random_inputs,
+    time_fresh,
+    time_ort,
+)
 from bench_dense import matmul  # noqa: E402
 
 import tvm_sparse  # noqa: E402
@@ -44,31 +50,10 @@ from tvm_sparse.target import num_cores  # noqa: E402
 from tvm_sparse.tuning import open_database, tune  # noqa: E402
 
 
-def _time_dir(out_dir: str, seconds: float) -> float:
-    """Seconds per run of a compiled directory, timed in a fresh process."""
-    out = subprocess.run(
-        [sys.executable, __file__, "--time-one", out_dir, str(seconds)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return float(out.strip().splitlines()[-1])
-
-
-def _time_one(out_dir: str, seconds: float) -> None:
-    from _bench import time_tvm
-
-    cm = tvm_sparse.load(out_dir)
-    inputs = {
-        s.name: np.random.default_rng(0).standard_normal(s.shape).astype(s.dtype) for s in cm.inputs
-    }
-    print(time_tvm(cm, inputs, seconds))
-
-
 def _build_and_time(model, work: str, name: str, db: str | None, seconds: float, **kw) -> float:
     out = os.path.join(work, f"build-{name}-{'tuned' if db else 'default'}")
     tvm_sparse.compile(model, database=db, **kw).save(out)
-    return _time_dir(out, seconds)
+    return time_fresh("tvm", out, seconds)
 
 
 def _ort(model, seconds: float) -> float:
@@ -339,9 +324,6 @@ def _fmt(row: dict) -> str:
 
 
 def main() -> int:
-    if len(sys.argv) == 4 and sys.argv[1] == "--time-one":
-        _time_one(sys.argv[2], float(sys.argv[3]))
-        return 0
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
