@@ -4,7 +4,7 @@ Each case builds an fp32 model (pruned at 90 % with the given [out, in] block, o
 quantizes it with ONNX Runtime's ``quantize_static`` (QDQ, per-channel symmetric int8 weights,
 uint8 activations; symmetric weight quantization keeps zeros zero) and times, in separate
 phases: ORT on the QDQ file, tvm-sparse on the QDQ file (sparse="auto", measured selection),
-and tvm-sparse on the fp32 model (our fp32 sparse path). Also checks that our int8 output is
+and tvm-sparse on the fp32 model (our fp32 sparse path), each in a fresh process. Also checks that our int8 output is
 within one quantization step of ORT's.
 Usage: .venv/bin/python scripts/bench_int8.py [--quick] [--only SUBSTRING] [--json out.json]
 """
@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
-from _bench import fmt_ms, machine, ort_session, random_inputs, time_ort, time_tvm  # noqa: E402
+from _bench import fmt_ms, machine, ort_session, random_inputs, time_fresh  # noqa: E402
 from bench_sparse import pruned_matmul  # noqa: E402
 from onnxruntime.quantization import (  # noqa: E402
     CalibrationDataReader,
@@ -89,24 +89,28 @@ def _output_step(model: onnx.ModelProto) -> float:
     return float(consts[node.input[1]]) if node.op_type == "DequantizeLinear" else 0.0
 
 
-def run_case(name, build, seconds, threads) -> dict:
+def run_case(name, build, seconds, threads, work) -> dict:
     fp32 = build()
     qdq = quantize_qdq(fp32)
     inputs = random_inputs(fp32)
     print(f"[{name}] compiling int8 and fp32 (measured selection) ...", file=sys.stderr, flush=True)
     cm8 = tvm_sparse.compile(qdq)
     cm32 = tvm_sparse.compile(fp32)
-    sess = ort_session(qdq, threads)
-    ours, ref = cm8.run(inputs)[0], sess.run(None, inputs)[0]
+    ours, ref = cm8.run(inputs)[0], ort_session(qdq, threads).run(None, inputs)[0]
     step = _output_step(qdq)
     diff = float(np.max(np.abs(ours - ref)))
-    # The machine is shared: alternate the three sides over rounds and keep each side's median,
-    # so a burst of outside load does not land on one side only.
+    paths = {side: os.path.join(work, side) for side in ("ort", "int8", "fp32")}
+    onnx.save(qdq, paths["ort"] + ".onnx")
+    cm8.save(paths["int8"])
+    cm32.save(paths["fp32"])
+    # Each side is timed in a fresh process (see _bench), and the machine is shared: alternate
+    # the three sides over rounds and keep each side's median, so a burst of outside load does
+    # not land on one side only.
     samples = {"ort": [], "int8": [], "fp32": []}
     for _ in range(ROUNDS):
-        samples["ort"].append(time_ort(sess, inputs, seconds / ROUNDS))
-        samples["int8"].append(time_tvm(cm8, inputs, seconds / ROUNDS))
-        samples["fp32"].append(time_tvm(cm32, inputs, seconds / ROUNDS))
+        samples["ort"].append(time_fresh("ort", paths["ort"] + ".onnx", seconds / ROUNDS))
+        samples["int8"].append(time_fresh("tvm", paths["int8"], seconds / ROUNDS))
+        samples["fp32"].append(time_fresh("tvm", paths["fp32"], seconds / ROUNDS))
     t_ort, t_int8, t_fp32 = (float(np.median(samples[k])) for k in ("ort", "int8", "fp32"))
     kernels = sorted({r["kernel"] for r in cm8.report if r.get("kernel")})
     return dict(
@@ -136,7 +140,8 @@ def main() -> int:
     for name, build, vs_ort, vs_fp32 in CASES:
         if args.only and args.only not in name:
             continue
-        row = run_case(name, build, seconds, threads)
+        with tempfile.TemporaryDirectory() as work:
+            row = run_case(name, build, seconds, threads, work)
         row.update(target_vs_ort=vs_ort, target_vs_fp32=vs_fp32)
         rows.append(row)
         print(
