@@ -37,7 +37,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvm_sparse._compat import Constant, constant_value
-from tvm_sparse.formats import to_bsr
+from tvm_sparse.formats import to_bsr, to_column_quads
 from tvm_sparse.schedules import int8_matmul, int8_pack
 from tvm_sparse.schedules.int8_matmul import Int8Variant
 from tvm_sparse.schedules.int8_vnni import GROUP
@@ -361,6 +361,12 @@ def weight_operands(layer: QuantLayer, variant: Int8Variant) -> tuple[list[np.nd
     if not variant.sparse:
         packed = w.reshape(npad // r, r, k // GROUP, GROUP).transpose(0, 2, 1, 3)
         return [np.ascontiguousarray(packed)], npad, 0
+    if variant.gather:
+        quads = to_column_quads(w, r)
+        if quads.nnzb == 0:
+            empty = [np.zeros((1, r, GROUP), np.int8), np.zeros((1, GROUP), np.int32)]
+            return [*empty, quads.indptr], npad, 0
+        return [quads.data, quads.cols, quads.indptr], npad, quads.nnzb
     bsr = to_bsr(w, (r, GROUP))
     if bsr.nnzb == 0:  # kernels take at least one (never read) block
         return [np.zeros((1, r, GROUP), np.int8), np.zeros(1, np.int32), bsr.indptr], npad, 0
@@ -395,21 +401,29 @@ def emit_int8(
     writes its float32 value."""
     n, k = layer.shape
     p = layer.columns
-    pp = int8_matmul.padded_columns(p)
+    pp = int8_matmul.padded_columns(p, variant)
     tag = layer.key.split(":")[1][:8]
     operand = x_q if quantized_from is None else quantized_from[0]
     quant = None if quantized_from is None else quantized_from[1:]
-    if layer.kind == "matmul":
+    if variant.gather:  # plain K-major bytes Xk[K, P]
+        if layer.kind == "matmul":
+            pack = int8_pack.bytes_rowmajor(p, k, layer.x_dtype, columns=pp, quantize=quant)
+        else:
+            pack = int8_pack.bytes_kmajor(
+                k, p, layer.x_dtype, hw=layer.hw, columns=pp, quantize=quant
+            )
+        packed = relax.TensorType([-(-k // GROUP) * GROUP, pp], "uint8")
+    elif layer.kind == "matmul":
         if quant is None:
             pack = int8_pack.from_rowmajor(p, k, layer.x_dtype, columns=pp)
         else:
             pack = int8_pack.quantize_rowmajor(p, k, *quant, layer.x_dtype, columns=pp)
+        packed = relax.TensorType([k // GROUP, pp, GROUP], "uint8")
     else:  # reads and writes NCHW directly: a reshape here would cost a copy
         pack = int8_pack.from_kmajor(k, p, layer.x_dtype, hw=layer.hw, columns=pp, quantize=quant)
+        packed = relax.TensorType([k // GROUP, pp, GROUP], "uint8")
     pack_gv = bb.add_func(pack, f"{pack.attrs['tvm_sparse.kernel']}_{tag}")
-    xp = bb.emit(
-        relax.call_tir(pack_gv, [operand], relax.TensorType([k // GROUP, pp, GROUP], "uint8"))
-    )
+    xp = bb.emit(relax.call_tir(pack_gv, [operand], packed))
     weights, npad, nnzb = weight_operands(layer, variant)
     bias, scale = epilogue_operands(layer, npad)
     rows_out = p if layer.kind == "matmul" else None

@@ -28,7 +28,8 @@ from tvm.script import tirx as T
 
 from tvm_sparse._compat import ATTR_NOALIAS, ATTR_SCHEDULED
 
-from . import int8_vnni
+from . import int8_quad, int8_vnni
+from .common import ON_STACK
 from .int8_vnni import GROUP, LANES
 
 ACCUMULATOR_BYTES = 1024  # "global" scratch up to this size is promoted to registers
@@ -42,9 +43,12 @@ class Int8Variant:
 
     rows: int
     sparse: bool = True
+    gather: bool = False  # blocks of R rows x 4 arbitrary columns ("column quads")
 
     @property
     def name(self) -> str:
+        if self.gather:
+            return f"cq_wx_{self.rows}x{GROUP}_u8s8"
         kind = "bsr" if self.sparse else "dense"
         return f"{kind}_wx_{self.rows}x{GROUP}_u8s8"
 
@@ -54,6 +58,7 @@ VARIANTS: tuple[Int8Variant, ...] = (
     Int8Variant(1),
     Int8Variant(4),
     Int8Variant(16),
+    Int8Variant(4, gather=True),
 )
 
 
@@ -66,10 +71,13 @@ def vectors_per_tile(rows: int, p: int) -> int:
     return 1
 
 
-def padded_columns(p: int) -> int:
+def padded_columns(p: int, variant: Int8Variant | None = None) -> int:
     """Activation columns after padding: whole 16-lane vectors, rounded up to a multiple of 4
     (or 2) vectors when that wastes at most 1/8: a tile of one vector leaves too few
-    independent accumulators (e.g. 14x14 maps, 13 vectors: 112 -> 59 us for 512x512)."""
+    independent accumulators (e.g. 14x14 maps, 13 vectors: 112 -> 59 us for 512x512).
+    Column-quad kernels work on whole 64-column windows."""
+    if variant is not None and variant.gather:
+        return -(-p // int8_quad.WINDOW) * int8_quad.WINDOW
     vecs = -(-p // LANES)
     for tile in (4, 2):
         full = -(-vecs // tile) * tile
@@ -88,6 +96,22 @@ def pack_activations(x: np.ndarray) -> np.ndarray:
     padded = np.zeros((kp, pp), np.uint8)
     padded[:k, :p] = x
     return np.ascontiguousarray(padded.reshape(kp // GROUP, GROUP, pp).transpose(0, 2, 1))
+
+
+def pack_bytes(x: np.ndarray, columns: int | None = None, permuted: bool = True) -> np.ndarray:
+    """NumPy reference of the column-quad activation packs: X[K, P] (u)int8 ->
+    Xk[ceil(K/4)*4, columns] uint8 (columns default: P rounded up to 64), zero padded, int8
+    shifted by +128, each 64-column window in `int8_quad.stored_column` order (`permuted`,
+    conv inputs) or not (MatMul inputs)."""
+    k, p = x.shape
+    pp = columns or -(-p // int8_quad.WINDOW) * int8_quad.WINDOW
+    if x.dtype == np.int8:
+        x = (x.astype(np.int16) + 128).astype(np.uint8)
+    padded = np.zeros((-(-k // GROUP) * GROUP, pp), np.uint8)
+    padded[:k, :p] = x
+    if not permuted:
+        return padded
+    return np.ascontiguousarray(padded[:, [int8_quad.stored_column(i) for i in range(pp)]])
 
 
 def _attrs(func: tirx.PrimFunc, name: str) -> tirx.PrimFunc:
@@ -152,6 +176,10 @@ def int8_wx(
         Arguments ``(Xp, data[, indices, indptr], bias, scale, Y)``, VNNI-tensorized.
     """
     r, mv = variant.rows, vectors_per_tile(variant.rows, p)
+    if variant.gather:
+        if p % int8_quad.WINDOW or r * int8_quad.WINDOW * 4 > ACCUMULATOR_BYTES:
+            raise ValueError(f"column quads need {int8_quad.WINDOW}-column windows: p={p}, R={r}")
+        mv = int8_quad.WINDOW // LANES
     pv, nb = mv * LANES, n // r
     lo, hi = _epilogue_bounds(out_dtype, zp, relu)
     y_shape = (n, p) if rows_out is None else (rows_out, n)
@@ -168,6 +196,11 @@ def int8_wx(
         if dequantize is not None:
             return clamped * tirx.const(dequantize, "float32")
         return tirx.Cast(out_dtype, clamped + tirx.const(float(zp), "float32"))
+
+    def column(j):
+        # the output column of tile column j: column-quad kernels gather MatMul activations
+        # (natural column order) into `int8_quad.stored_column` order
+        return int8_quad.stored_column(j) if variant.gather and rows_out is not None else j
 
     def byte(value, pos):
         word = tirx.Cast("uint32", tirx.Cast("int32", value)) & tirx.const(255, "uint32")
@@ -198,7 +231,9 @@ def int8_wx(
             for i in T.unroll(r):
                 if (g * r + i) % 4 == 0:
                     for j in T.vectorized(pv):
-                        Y[(g * r + i) // 4, j] = byte(q(acc[0, i, j], bias[vb * r + i], scale[vb * r + i]), 0)
+                        Y[(g * r + i) // 4, j] = byte(
+                            q(acc[0, i, j], bias[vb * r + i], scale[vb * r + i]), 0
+                        )
                 else:
                     for j in T.vectorized(pv):
                         Y[(g * r + i) // 4, j] = Y[(g * r + i) // 4, j] | byte(
@@ -207,11 +242,16 @@ def int8_wx(
         elif rows_out is None:
             for i in T.unroll(r):
                 for j in T.vectorized(pv):
-                    Y[vb * r + i, vp * pv + j] = q(acc[0, i, j], bias[vb * r + i], scale[vb * r + i])
+                    Y[vb * r + i, vp * pv + j] = q(
+                        acc[0, i, j], bias[vb * r + i], scale[vb * r + i]
+                    )
         else:
-            for j in range(T.min(pv, rows_out - vp * pv)):
-                for i in T.unroll(r):
-                    Y[vp * pv + j, vb * r + i] = q(acc[0, i, j], bias[vb * r + i], scale[vb * r + i])
+            for j in range(pv):
+                if column(j) < rows_out - vp * pv:
+                    for i in T.unroll(r):
+                        Y[vp * pv + column(j), vb * r + i] = q(
+                            acc[0, i, j], bias[vb * r + i], scale[vb * r + i]
+                        )
 
     words = STAGE_ROWS // 4
 
@@ -221,14 +261,16 @@ def int8_wx(
         # together, instead of one element per row of Y (rows N bytes apart, in a few L1 sets):
         # 64x1024x1024 at 90 % 1x4, kernel 62 -> 21 us.
         if dequantize is not None:
-            for j in range(T.min(pv, rows_out - vp * pv)):
-                for i in T.vectorized(STAGE_ROWS):
-                    Y[vp * pv + j, vs * STAGE_ROWS + i] = tile[i, j]
+            for j in range(pv):
+                if column(j) < rows_out - vp * pv:
+                    for i in T.vectorized(STAGE_ROWS):
+                        Y[vp * pv + column(j), vs * STAGE_ROWS + i] = tile[i, j]
         else:
             y32 = T.decl_buffer((rows_out, n // 4), "uint32", data=Y.data)
-            for j in range(T.min(pv, rows_out - vp * pv)):
-                for w in T.vectorized(words):
-                    y32[vp * pv + j, vs * words + w] = tile[w, j]
+            for j in range(pv):
+                if column(j) < rows_out - vp * pv:
+                    for w in T.vectorized(words):
+                        y32[vp * pv + column(j), vs * words + w] = tile[w, j]
 
     g_rows = STAGE_ROWS // r if staged else 1
     if dequantize is not None:
@@ -237,7 +279,12 @@ def int8_wx(
         stage = ((words, pv), "uint32")
     args = (n, kg, p, r, mv, pv, nb, y_shape, y_dtype, requant, g_rows, store if staged else None)
     args = (*args, stage)
-    func = _bsr_kernel(*args, max(nnzb, 1)) if variant.sparse else _dense_kernel(*args)
+    if variant.gather:
+        func = _quad_kernel(*args, max(nnzb, 1))
+    elif variant.sparse:
+        func = _bsr_kernel(*args, max(nnzb, 1))
+    else:
+        func = _dense_kernel(*args)
     return _attrs(_tensorize(func), variant.name)
 
 
@@ -346,5 +393,83 @@ def _bsr_kernel(n, kg, p, r, mv, pv, nb, y_shape, out_dtype, requant, g_rows, st
                             requant(acc, bias, scale, tile_buf, vs * g_rows + g, vp, g)
                     if store is not None:
                         store(tile_buf, Y, vs, vp)
+
+    return kernel
+
+
+def _quad_kernel(n, kg, p, r, mv, pv, nb, y_shape, out_dtype, requant, g_rows, store, stage, nnzb):
+    """As `_bsr_kernel`, for blocks of `r` rows x 4 arbitrary columns (`ColumnQuads`): the
+    activation is K-major bytes ``Xk[K, P]``, each 64-column window in `int8_quad`'s stored
+    order, and each block's 4 rows are gathered into VNNI order in registers."""
+    y_all = tuple(slice(0, d) for d in y_shape)
+    k = kg * GROUP
+
+    @T.prim_func(s_tir=True)
+    def kernel(
+        Xk: T.Buffer((k, p), "uint8"),
+        data: T.Buffer((nnzb, r, 4), "int8"),
+        cols: T.Buffer((nnzb, 4), "int32"),
+        indptr: T.Buffer((nb + 1,), "int32"),
+        bias: T.Buffer((n,), "int32"),
+        scale: T.Buffer((n,), "float32"),
+        Y: T.Buffer(y_shape, out_dtype),
+    ):
+        with T.sblock("root"):
+            T.reads(
+                Xk[0:k, 0:p],
+                data[0:nnzb, 0:r, 0:4],
+                cols[0:nnzb, 0:4],
+                indptr[0 : nb + 1],
+                bias[0:n],
+                scale[0:n],
+            )
+            T.writes(Y[y_all])
+            with T.attr(0, int8_quad.IMPORT, int8_quad.llvm_ir()):
+                for bs in T.parallel(nb // g_rows):
+                    acc = T.alloc_buffer((1, r, pv), "int32", annotations=ON_STACK)
+                    tile_buf = T.alloc_buffer(stage[0], stage[1], annotations=ON_STACK)
+                    quad = T.alloc_buffer((pv, 4), "uint8", annotations=ON_STACK)
+                    quad_words = T.decl_buffer((pv * 4,), "uint8", data=quad.data)
+                    for p0 in range(p // pv):
+                        with T.sblock("tile"):
+                            vs, vp = T.axis.remap("SS", [bs, p0])
+                            T.reads(
+                                Xk[0:k, vp * pv : vp * pv + pv],
+                                data[0:nnzb, 0:r, 0:4],
+                                cols[0:nnzb, 0:4],
+                                indptr[vs * g_rows : vs * g_rows + g_rows + 1],
+                                bias[vs * g_rows * r : vs * g_rows * r + g_rows * r],
+                                scale[vs * g_rows * r : vs * g_rows * r + g_rows * r],
+                            )
+                            T.writes(Y[y_all])
+                            for g in range(g_rows):
+                                for i in T.unroll(r):
+                                    for j in T.vectorized(pv):
+                                        acc[0, i, j] = 0
+                                for blk in range(
+                                    indptr[vs * g_rows + g], indptr[vs * g_rows + g + 1]
+                                ):
+                                    quad_words[0 : pv * 4] = int8_quad.gather(
+                                        Xk, cols, blk, vp * pv
+                                    )
+                                    for i in T.unroll(r):
+                                        for v in T.unroll(mv):
+                                            for lane, e in T.grid(16, 4):
+                                                with T.sblock("dot"):
+                                                    vj = T.axis.reduce(nnzb, blk)
+                                                    vi, vv, vl, ve = T.axis.remap(
+                                                        "SSSR", [i, v, lane, e]
+                                                    )
+                                                    acc[0, vi, vv * 16 + vl] = acc[
+                                                        0, vi, vv * 16 + vl
+                                                    ] + T.cast(
+                                                        quad[vv * 16 + vl, ve], "int32"
+                                                    ) * T.cast(data[vj, vi, ve], "int32")
+                                if store is None:
+                                    requant(acc, bias, scale, Y, vs * g_rows + g, vp, g)
+                                else:
+                                    requant(acc, bias, scale, tile_buf, vs * g_rows + g, vp, g)
+                            if store is not None:
+                                store(tile_buf, Y, vs, vp)
 
     return kernel

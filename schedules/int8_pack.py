@@ -15,6 +15,7 @@ from tvm.script import tirx as T
 
 from tvm_sparse._compat import ATTR_NOALIAS, ATTR_SCHEDULED
 
+from . import int8_quad as iq
 from . import tile_transpose as tt
 from .common import ON_STACK
 from .int8_matmul import QRANGE
@@ -234,3 +235,126 @@ def dequantize_flat(shape: tuple[int, ...], dtype: str, scale: float, zp: int) -
                 )
 
     return _attrs(kernel, f"dequantize_{dtype}")
+
+
+# ------------------------------------------------- K-major bytes, for column-quad kernels
+# The column-quad kernels (`int8_matmul.Int8Variant(gather=True)`) gather 4 arbitrary
+# reduction rows per block, so they read the activation as K-major bytes Xk[K, P] (K padded to
+# a multiple of 4 with zero rows, P to a multiple of 64 with zero columns). Their gather leaves
+# each 64-column window in the order of `int8_quad.stored_column`: conv inputs are stored in
+# that order (their outputs are written in natural order), MatMul inputs in natural order
+# (the MatMul kernels map the columns back when they store their row-major output).
+
+
+def _byte(x, dtype: str, quantize: tuple[float, int] | None):
+    """The uint8 a kernel reads for activation value `x` (quantized, or int8 shifted by +128)."""
+    if quantize:
+        return tirx.Cast("uint8", quantize_value(x, quantize[0], quantize[1], dtype))
+    if dtype == "int8":
+        return tirx.Cast("uint8", tirx.Cast("int32", x) + 128)
+    return x
+
+
+def _byte_columns(p: int, columns: int | None) -> int:
+    pp = columns or -(-p // iq.WINDOW) * iq.WINDOW
+    if pp % iq.WINDOW or pp < p:
+        raise ValueError(f"columns {pp}: need a multiple of {iq.WINDOW} covering {p}")
+    return pp
+
+
+def bytes_kmajor(
+    k: int,
+    p: int,
+    dtype: str = "uint8",
+    hw: tuple[int, int] | None = None,
+    columns: int | None = None,
+    quantize: tuple[float, int] | None = None,
+) -> tirx.PrimFunc:
+    """X[K, P] (or the NCHW tensor [1, K, H, W]) -> Xk[ceil(K/4)*4, columns] uint8, windows
+    permuted (quantizing float32 X with ``quantize=(scale, zero_point)``)."""
+    pp, k4 = _byte_columns(p, columns), -(-k // GROUP) * GROUP
+    w = iq.WINDOW
+    full = p // w  # windows with no padding column
+    x_shape = (1, k, *hw) if hw else (k, p)
+    x_all = tuple(slice(0, d) for d in x_shape)
+    x_dtype = "float32" if quantize else dtype
+
+    @T.prim_func(s_tir=True)
+    def kernel(X: T.Buffer(x_shape, x_dtype), Xk: T.Buffer((k4, pp), "uint8")):
+        with T.sblock("root"):
+            T.reads(X[x_all])
+            T.writes(Xk[0:k4, 0:pp])
+            flat = T.decl_buffer((k, p), x_dtype, data=X.data)  # NCHW [1, K, H, W] as [K, H*W]
+            with T.attr(0, iq.IMPORT, iq.llvm_ir()):
+                for c in T.parallel(k4):
+                    tmp = T.alloc_buffer((w,), "uint8", annotations=ON_STACK)
+                    if c < k:
+                        for win in range(full):
+                            for j in T.vectorized(w):
+                                tmp[j] = _byte(flat[c, win * w + j], dtype, quantize)
+                            Xk[c, win * w : win * w + w] = iq.permute(tmp.vload([0], "uint8x64"))
+                        for s in range(pp - full * w):
+                            Xk[c, full * w + s] = T.uint8(0)
+                            if full * w + iq.stored_column(s) < p:
+                                Xk[c, full * w + s] = _byte(
+                                    flat[c, full * w + iq.stored_column(s)], dtype, quantize
+                                )
+                    else:
+                        for j in T.vectorized(pp):
+                            Xk[c, j] = T.uint8(0)
+
+    return _attrs(kernel, f"bytes_kmajor_{'quantize_' if quantize else ''}{dtype}")
+
+
+def bytes_rowmajor(
+    m: int,
+    k: int,
+    dtype: str = "uint8",
+    columns: int | None = None,
+    quantize: tuple[float, int] | None = None,
+) -> tirx.PrimFunc:
+    """X[M, K] -> Xk[ceil(K/4)*4, columns] uint8, the transpose, columns in their natural
+    order (the MatMul kernels undo the window order at their output instead, where it is
+    free), quantizing float32 X with ``quantize=(scale, zero_point)``: per 16 rows x 32
+    reduction elements, the rows go (quantized) into a stack tile with contiguous vector
+    loads and come out as 32 rows of 16 bytes through the register transpose of
+    `int8_quad.transpose_ir`. (Storing them at permuted positions instead became 16
+    ``vpscatterqd`` per tile: 8 vs 4 us.)"""
+    mp, k4 = _byte_columns(m, columns), -(-k // GROUP) * GROUP
+    rows, cols = iq.TILE_ROWS, iq.TILE_COLS
+    m16, kt = -(-m // rows), k // cols
+    x_dtype = "float32" if quantize else dtype
+
+    @T.prim_func(s_tir=True)
+    def kernel(X: T.Buffer((m, k), x_dtype), Xk: T.Buffer((k4, mp), "uint8")):
+        with T.sblock("root"):
+            T.reads(X[0:m, 0:k])
+            T.writes(Xk[0:k4, 0:mp])
+            with T.attr(0, iq.IMPORT, iq.transpose_ir()):
+                if kt > 0:  # whole tiles
+                    for t in T.parallel(m16 * kt):
+                        tile = T.alloc_buffer((rows * cols,), "uint8", annotations=ON_STACK)
+                        out = T.alloc_buffer((rows * cols,), "uint8", annotations=ON_STACK)
+                        for r in range(rows):
+                            if (t // kt) * rows + r < m:
+                                for j in T.vectorized(cols):
+                                    tile[r * cols + j] = _byte(
+                                        X[(t // kt) * rows + r, (t % kt) * cols + j],
+                                        dtype,
+                                        quantize,
+                                    )
+                            else:
+                                for j in T.vectorized(cols):
+                                    tile[r * cols + j] = T.uint8(0)
+                        out[0 : rows * cols] = iq.transpose_tile(tile)
+                        for c in range(cols):
+                            for i in T.vectorized(rows):
+                                Xk[(t % kt) * cols + c, (t // kt) * rows + i] = out[c * rows + i]
+                for c, i in T.grid(k4 - kt * cols, mp):  # reduction rows past the last full tile
+                    Xk[kt * cols + c, i] = T.uint8(0)
+                    if i < m and kt * cols + c < k:
+                        Xk[kt * cols + c, i] = _byte(X[i, kt * cols + c], dtype, quantize)
+                for c, i in T.grid(kt * cols, mp - m16 * rows):  # padding columns
+                    Xk[c, m16 * rows + i] = T.uint8(0)
+
+    return _attrs(kernel, f"bytes_rowmajor_{'quantize_' if quantize else ''}{dtype}")

@@ -4,8 +4,8 @@ Each case builds an fp32 model (pruned at 90 % with the given [out, in] block, o
 quantizes it with ONNX Runtime's ``quantize_static`` (QDQ, per-channel symmetric int8 weights,
 uint8 activations; symmetric weight quantization keeps zeros zero) and times, in separate
 phases: ORT on the QDQ file, tvm-sparse on the QDQ file (sparse="auto", measured selection),
-and tvm-sparse on the fp32 model (our fp32 sparse path), each in a fresh process. Also checks that our int8 output is
-within one quantization step of ORT's.
+and tvm-sparse on the fp32 model (our fp32 sparse path), each in a fresh process. Also checks
+that our int8 output is within one quantization step of ORT's.
 Usage: .venv/bin/python scripts/bench_int8.py [--quick] [--only SUBSTRING] [--json out.json]
 """
 

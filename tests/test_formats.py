@@ -8,7 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tvm_sparse.examples import prune_out_in
-from tvm_sparse.formats import NNZ_BUCKETS, bucket, nnzb_bucket, to_bsr, to_dense
+from tvm_sparse.formats import (
+    NNZ_BUCKETS,
+    bucket,
+    nnzb_bucket,
+    to_bsr,
+    to_column_quads,
+    to_dense,
+)
 
 
 @settings(max_examples=60, deadline=None)
@@ -71,3 +78,36 @@ def test_bucket_is_independent_of_the_pattern():
         counts.append((bsr.nnzb - drop, bucket(bsr).stored))
         assert nnzb_bucket(bsr.nnzb - drop, bsr.total_blocks) == bucket(bsr).stored
     assert counts[0][0] != counts[1][0] and counts[0][1] == counts[1][1]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    blocks=st.integers(1, 6),
+    rows=st.sampled_from([1, 4]),
+    k=st.integers(1, 70),
+    density=st.sampled_from([0.0, 0.05, 0.3, 1.0]),
+    seed=st.integers(0, 1000),
+)
+def test_column_quads_hold_the_weight(blocks, rows, k, density, seed):
+    """Every stored column quad, expanded, gives back the weight (pad columns carry zeros)."""
+    rng = np.random.default_rng(seed)
+    w = (rng.random((blocks * rows, k)) < density) * rng.integers(-127, 128, (blocks * rows, k))
+    quads = to_column_quads(w.astype(np.int8), rows)
+    rebuilt = np.zeros_like(w)
+    for b in range(blocks):
+        for q in range(quads.indptr[b], quads.indptr[b + 1]):
+            for e, col in enumerate(quads.cols[q]):
+                rebuilt[b * rows : (b + 1) * rows, col] += quads.data[q][:, e]
+    np.testing.assert_array_equal(rebuilt, w)
+    nonzero_cols = (w != 0).reshape(blocks, rows, k).any(axis=1).sum(axis=1)
+    np.testing.assert_array_equal(np.diff(quads.indptr), -(-nonzero_cols // 4))
+
+
+def test_column_quads_of_a_4x1_pruning_keep_a_quarter_of_the_aligned_blocks():
+    rng = np.random.default_rng(0)
+    w = prune_out_in(rng.standard_normal((256, 512)).astype(np.float32), 0.9, (4, 1))
+    quads = to_column_quads(w, 4)
+    aligned = to_bsr(w, (4, 4))
+    assert quads.nnzb < 0.35 * aligned.nnzb
+    with pytest.raises(ValueError, match="multiple of 4"):
+        to_column_quads(w[:6], 4)

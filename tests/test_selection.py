@@ -103,3 +103,34 @@ def test_row_major_layers_also_time_the_kernel_with_transposes_inside():
     for columns, form in ((1, "xw"), (MAX_ROWS + 1, "xw"), (8, "wx")):
         fc.columns, fc.form = columns, form
         assert all(v.form != "rm" for v in variants_for(fc, (4, 1))), (columns, form)
+
+
+def test_int8_candidates_include_column_quads_for_column_pruning():
+    from tvm_sparse.passes.rewrite_quantized import QuantLayer
+    from tvm_sparse.selection import int8_candidates, quad_zero_fraction
+
+    def quant_layer(w):
+        n = w.shape[0]
+        return QuantLayer(
+            key="t",
+            kind="matmul",
+            weight=np.clip(np.rint(w * 50), -127, 127).astype(np.int8),
+            columns=16,
+            x_dtype="uint8",
+            x_zp=0,
+            bias=np.zeros(n, np.int32),
+            scale=np.ones(n, np.float32),
+            y_dtype="uint8",
+            y_zp=0,
+        )
+
+    rng = np.random.default_rng(4)
+    w = prune_out_in(rng.standard_normal((64, 256)).astype(np.float32), 0.9, (4, 1))
+    assert quad_zero_fraction(w, 4) == pytest.approx(0.9, abs=0.03)
+    cands = {v.name: zeros for v, zeros in int8_candidates(quant_layer(w))}
+    # a 4x1 pruning keeps ~1/3 of the aligned 4x4 blocks but ~1/10 as column quads, which
+    # cost about twice as much each: listed with the cost-equivalent zero fraction 1 - 2 x 0.1
+    assert cands["cq_wx_4x4_u8s8"] == pytest.approx(0.8, abs=0.06)
+    assert cands["bsr_wx_4x4_u8s8"] < cands["cq_wx_4x4_u8s8"]
+    dense = rng.standard_normal((64, 256)).astype(np.float32)
+    assert [v.name for v, _ in int8_candidates(quant_layer(dense))] == ["dense_wx_4x4_u8s8"]

@@ -100,3 +100,47 @@ def bucket(bsr: BSR, buckets: int = NNZ_BUCKETS) -> BSR:
     data = np.concatenate([bsr.data, np.zeros((extra,) + bsr.data.shape[1:], bsr.data.dtype)])
     indices = np.concatenate([bsr.indices, np.zeros(extra, np.int32)])
     return BSR(data, indices, bsr.indptr, bsr.block, bsr.shape)
+
+
+@dataclass(frozen=True)
+class ColumnQuads:
+    """Blocks of R rows x 4 *arbitrary* columns: block row r owns blocks
+    `indptr[r]:indptr[r+1]`; block b holds `data[b][i, e] = W[r R + i, cols[b, e]]`. Each
+    block row's nonzero columns (any of its R rows nonzero), ascending, are cut into groups of
+    4; the last group is padded by repeating its last column with zero weights. An R x 1
+    pruning keeps ~1/4 of the blocks R x 4 blocks of aligned columns keep (int8 VNNI kernels,
+    whose reduction group is 4)."""
+
+    data: np.ndarray  # [nq, R, 4]
+    cols: np.ndarray  # [nq, 4] int32
+    indptr: np.ndarray  # [N/R + 1] int32
+    shape: tuple[int, int]  # logical [N, K]; N a multiple of R
+
+    @property
+    def nnzb(self) -> int:
+        return int(self.indptr[-1])
+
+
+def to_column_quads(w: np.ndarray, rows: int) -> ColumnQuads:
+    """Pack a 2-D [N, K] weight (N a multiple of `rows`) as `ColumnQuads`."""
+    n, k = w.shape
+    if n % rows:
+        raise ValueError(f"to_column_quads: {n} rows is not a multiple of {rows}")
+    data, cols, indptr = [], [], [0]
+    for b in range(n // rows):
+        block_rows = w[b * rows : (b + 1) * rows]
+        nz = np.flatnonzero(block_rows.any(axis=0))
+        pad = -len(nz) % 4
+        group = np.concatenate([nz, np.full(pad, nz[-1] if len(nz) else 0)]).reshape(-1, 4)
+        vals = block_rows[:, group].transpose(1, 0, 2)  # [groups, rows, 4]
+        if pad:
+            vals[-1, :, 4 - pad :] = 0
+        data.append(vals)
+        cols.append(group)
+        indptr.append(indptr[-1] + len(group))
+    return ColumnQuads(
+        np.ascontiguousarray(np.concatenate(data), dtype=w.dtype).reshape(-1, rows, 4),
+        np.concatenate(cols).astype(np.int32).reshape(-1, 4),
+        np.asarray(indptr, np.int32),
+        (n, k),
+    )

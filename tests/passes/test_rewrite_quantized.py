@@ -26,6 +26,7 @@ from tvm_sparse.schedules.int8_matmul import Int8Variant
 
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "znver5", "num-cores": 2})
 DENSE, BSR4 = Int8Variant(4, sparse=False), Int8Variant(4)
+QUADS = Int8Variant(4, gather=True)  # column quads
 
 
 class _Reader(CalibrationDataReader):
@@ -134,7 +135,7 @@ def assert_within_one_step(ours, ref, qdq):
     return steps
 
 
-@pytest.mark.parametrize("variant", [DENSE, BSR4, Int8Variant(1)], ids=lambda v: v.name)
+@pytest.mark.parametrize("variant", [DENSE, BSR4, Int8Variant(1), QUADS], ids=lambda v: v.name)
 @pytest.mark.parametrize("sparsity", [0.0, 0.9])
 def test_mlp_matches_ort(variant, sparsity):
     qdq = quantize(mlp(sparsity=sparsity))
@@ -148,11 +149,13 @@ def test_mlp_matches_ort(variant, sparsity):
     assert_within_one_step(ours, ref, qdq)
 
 
-def test_signed_activations_match_ort():
+@pytest.mark.parametrize("variant", [BSR4, QUADS], ids=lambda v: v.name)
+def test_signed_activations_match_ort(variant):
     qdq = quantize(mlp(sparsity=0.5), activation=QuantType.QInt8)
-    ours, ref, rewritten, layers = run_both(qdq, BSR4)
+    ours, ref, rewritten, layers = run_both(qdq, variant)
     assert {layer.x_dtype for layer in layers} == {"int8"}
-    assert "pack_rowmajor_int8" in kernels(rewritten)
+    pack = "bytes_rowmajor_int8" if variant.gather else "pack_rowmajor_int8"
+    assert pack in kernels(rewritten)
     assert_within_one_step(ours, ref, qdq)
 
 
@@ -163,7 +166,7 @@ def test_per_tensor_weights_match_ort():
     assert_within_one_step(ours, ref, qdq)
 
 
-@pytest.mark.parametrize("variant", [DENSE, BSR4], ids=lambda v: v.name)
+@pytest.mark.parametrize("variant", [DENSE, BSR4, QUADS], ids=lambda v: v.name)
 def test_small_mobilenet_matches_ort(variant):
     model = examples.mobilenet_v1(size=32, width=0.25, classes=10, sparsity=0.9, block=(4, 1))
     qdq = quantize(model)
@@ -234,7 +237,7 @@ def conv_chain(seed=0) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-@pytest.mark.parametrize("variant", [DENSE, BSR4], ids=lambda v: v.name)
+@pytest.mark.parametrize("variant", [DENSE, BSR4, QUADS], ids=lambda v: v.name)
 def test_qoperator_models_match_ort(variant):
     """QOperator files: QLinearConv / QLinearMatMul as our importer builds them, too."""
     qop = quantize(conv_chain(), quant_format=QuantFormat.QOperator)

@@ -33,20 +33,41 @@ def _build(func):
     return tvm.compile(func.with_attr("global_symbol", "main"), target=TARGET)
 
 
+def pack(layer: QuantLayer, variant: Int8Variant, x: np.ndarray, row_major: bool, hw=None):
+    """Run the variant's activation pack on X[K, P] (given transposed, [P, K], when
+    `row_major`; as [1, K, H, W] with `hw`), check it against its NumPy reference, return it
+    and its column count."""
+    k, p = x.shape
+    x_in = np.ascontiguousarray(x.T) if row_major else x
+    if hw:
+        x_in = x.reshape(1, k, *hw)
+    if variant.gather:
+        pp = int8_matmul.padded_columns(p, variant)
+        if row_major:
+            func = int8_pack.bytes_rowmajor(p, k, layer.x_dtype, columns=pp)
+        else:
+            func = int8_pack.bytes_kmajor(k, p, layer.x_dtype, hw=hw, columns=pp)
+        want = int8_matmul.pack_bytes(x, pp, permuted=not row_major)
+    else:
+        pp = int8_matmul.padded_columns(p) if hw else -(-p // 16) * 16
+        if row_major:
+            func = int8_pack.from_rowmajor(p, k, layer.x_dtype, columns=pp)
+        else:
+            func = int8_pack.from_kmajor(k, p, layer.x_dtype, hw=hw, columns=pp)
+        want = np.zeros((k // 4, pp, 4), np.uint8)
+        ref = int8_matmul.pack_activations(x)
+        want[:, : ref.shape[1]] = ref
+    xp = tvm.runtime.tensor(np.full(want.shape, SENTINEL, np.uint8))
+    _build(func)(tvm.runtime.tensor(x_in), xp)
+    np.testing.assert_array_equal(xp.numpy(), want, err_msg="pack")
+    return xp, pp
+
+
 def run(layer: QuantLayer, variant: Int8Variant, x: np.ndarray, row_major: bool) -> np.ndarray:
     """Pack + kernel on X[K, P] (or, `row_major`, the transposed X[P, K]); returns Y[N, P]."""
     n, k = layer.shape
     p = x.shape[1]
-    pp = -(-p // 16) * 16
-    if row_major:
-        pack = int8_pack.from_rowmajor(p, k, layer.x_dtype)
-        x_in = np.ascontiguousarray(x.T)
-    else:
-        pack = int8_pack.from_kmajor(k, p, layer.x_dtype)
-        x_in = x
-    xp = tvm.runtime.tensor(np.full((k // 4, pp, 4), SENTINEL, np.uint8))
-    _build(pack)(tvm.runtime.tensor(x_in), xp)
-    np.testing.assert_array_equal(xp.numpy(), int8_matmul.pack_activations(x), err_msg="pack")
+    xp, pp = pack(layer, variant, x, row_major)
     weights, npad, nnzb = weight_operands(layer, variant)
     bias, scale = epilogue_operands(layer, npad)
     rows_out = p if row_major else None
@@ -173,6 +194,8 @@ def test_padded_columns():
         832,
         3136,
     ]
+    quads = Int8Variant(4, gather=True)
+    assert [int8_matmul.padded_columns(p, quads) for p in (1, 64, 65, 3136)] == [64, 64, 128, 3136]
 
 
 def test_tile_fits_the_register_budget():
@@ -194,13 +217,7 @@ def test_nchw_conv_form(variant, hw):
     n, k = layer.shape
     p = hw[0] * hw[1]
     x = rng.integers(0, 256, (k, p), dtype=np.uint8)
-    pp = int8_matmul.padded_columns(p)  # 14x14: 13 vectors -> 14, 28x28: 49 -> 52
-    xp = tvm.runtime.tensor(np.full((k // 4, pp, 4), SENTINEL, np.uint8))
-    pack = int8_pack.from_kmajor(k, p, hw=hw, columns=pp)
-    _build(pack)(tvm.runtime.tensor(x.reshape(1, k, *hw)), xp)
-    want_xp = int8_matmul.pack_activations(x)
-    np.testing.assert_array_equal(xp.numpy()[:, : want_xp.shape[1]], want_xp, err_msg="pack")
-    assert not xp.numpy()[:, want_xp.shape[1] :].any(), "padding columns must be zero"
+    xp, pp = pack(layer, variant, x, row_major=False, hw=hw)  # 14x14: 13 vectors -> 14
     weights, npad, nnzb = weight_operands(layer, variant)
     bias, scale = epilogue_operands(layer, npad)
     func = int8_matmul.int8_wx(
@@ -281,3 +298,47 @@ def test_dequantize_epilogue_equals_kernel_then_dequantize():
     q = reference(layer, x)
     expected = (q.astype(np.int32) - 100).astype(np.float32) * np.float32(y_scale)
     np.testing.assert_array_equal(y.numpy(), expected)
+
+
+@pytest.mark.parametrize("dtype,zp", [("uint8", 131), ("int8", -3)])
+@pytest.mark.parametrize("row_major", [False, True], ids=["kmajor", "rowmajor"])
+def test_byte_packs_quantize(dtype, zp, row_major):
+    """The column-quad packs with QuantizeLinear fused, against NumPy (K past a whole tile of
+    32, P past a window of 64: both tails)."""
+    rng = np.random.default_rng(9)
+    scale, k, p = 0.0173, 72, 70
+    x = (rng.standard_normal((k, p)) * 1.5).astype(np.float32)
+    x[0, :6] = np.float32(scale) * np.array([0.5, 1.5, 2.5, -0.5, 300, -300], np.float32)
+    pp = int8_matmul.padded_columns(p, Int8Variant(4, gather=True))
+    if row_major:
+        func = int8_pack.bytes_rowmajor(p, k, dtype, columns=pp, quantize=(scale, zp))
+        x_in = np.ascontiguousarray(x.T)
+    else:
+        func = int8_pack.bytes_kmajor(k, p, dtype, columns=pp, quantize=(scale, zp))
+        x_in = x
+    want = int8_matmul.pack_bytes(_quantize_np(x, scale, zp, dtype), pp, permuted=not row_major)
+    out = tvm.runtime.tensor(np.full(want.shape, SENTINEL, np.uint8))
+    _build(func)(tvm.runtime.tensor(x_in), out)
+    np.testing.assert_array_equal(out.numpy(), want)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
+def test_dequantize_epilogue_row_major(variant):
+    """MatMul form with the output's DequantizeLinear fused: float32 Y[M, N] through the
+    staged 16-row tile (and, for column quads, the columns mapped back to their order)."""
+    rng = np.random.default_rng(10)
+    n, k, p, y_scale = 32, 64, 70, 0.05
+    w = quantized_weight(rng, n, k, 0.6, (variant.rows, 4))
+    layer = make_layer(w, rng, relu=True)
+    x = rng.integers(0, 256, (k, p), dtype=np.uint8)
+    xp, pp = pack(layer, variant, x, row_major=True)
+    weights, npad, nnzb = weight_operands(layer, variant)
+    bias, scale = epilogue_operands(layer, npad)
+    func = int8_matmul.int8_wx(
+        npad, k // 4, pp, variant, nnzb, "uint8", layer.y_zp, True, p, dequantize=y_scale
+    )
+    y = tvm.runtime.tensor(np.full((p, npad), np.nan, np.float32))
+    _build(func)(xp, *[tvm.runtime.tensor(a) for a in (*weights, bias, scale)], y)
+    q = reference(layer, x)
+    expected = (q.astype(np.int32) - layer.y_zp).astype(np.float32) * np.float32(y_scale)
+    np.testing.assert_array_equal(y.numpy()[:, :n], expected.T)
