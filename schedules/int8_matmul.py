@@ -28,7 +28,7 @@ from tvm.script import tirx as T
 
 from tvm_sparse._compat import ATTR_NOALIAS, ATTR_SCHEDULED
 
-from . import int8_quad, int8_vnni
+from . import int8_quad, int8_vnni, shuffles
 from .common import ON_STACK
 from .int8_vnni import GROUP, LANES
 
@@ -257,21 +257,41 @@ def int8_wx(
     words = STAGE_ROWS // 4
 
     @T.macro
-    def store(tile, Y, vs, vp):
-        # Row j of the tile is 16 consecutive output elements of row vp * pv + j of Y, stored
-        # together, instead of one element per row of Y (rows N bytes apart, in a few L1 sets):
-        # 64x1024x1024 at 90 % 1x4, kernel 62 -> 21 us.
-        if dequantize is not None:
-            for j in range(pv):
-                if column(j) < rows_out - vp * pv:
-                    for i in T.vectorized(STAGE_ROWS):
-                        Y[vp * pv + column(j), vs * STAGE_ROWS + i] = tile[i, j]
-        else:
-            y32 = T.decl_buffer((rows_out, n // 4), "uint32", data=Y.data)
-            for j in range(pv):
-                if column(j) < rows_out - vp * pv:
-                    for w in T.vectorized(words):
-                        y32[vp * pv + column(j), vs * words + w] = tile[w, j]
+    def store(tile, Y, vs, vp, scratch):
+        # Column j of the tile is 16 consecutive output elements of row vp * pv + column(j) of
+        # Y, stored together (64x1024x1024 at 90 % 1x4: one element per store down the
+        # columns of Y, rows N bytes apart in a few L1 sets, 62 us; this 19 us), the tile
+        # transposed 16 columns at a time in registers (`shuffles`).
+        for c16 in range(pv // LANES):
+            if dequantize is not None:  # float32 tile [16 rows, pv]: two halves of 8 columns
+                for half in range(2):
+                    if half == 0:
+                        scratch[0:128] = shuffles.transpose_tile(
+                            tile, STAGE_ROWS, LANES, "float32", c16 * LANES, 0, 2
+                        )
+                    else:
+                        scratch[0:128] = shuffles.transpose_tile(
+                            tile, STAGE_ROWS, LANES, "float32", c16 * LANES, 1, 2
+                        )
+                    for c in range(8):
+                        if column(c16 * LANES + half * 8 + c) < rows_out - vp * pv:
+                            for i in T.vectorized(STAGE_ROWS):
+                                Y[
+                                    vp * pv + column(c16 * LANES + half * 8 + c),
+                                    vs * STAGE_ROWS + i,
+                                ] = scratch[c * STAGE_ROWS + i]
+            else:  # word tile [4 words, pv]: 4 words (16 output bytes) per column
+                y32 = T.decl_buffer((rows_out, n // 4), "uint32", data=Y.data)
+                words_t = T.decl_buffer((LANES * words,), "uint32", data=scratch.data)
+                words_t[0 : LANES * words] = shuffles.transpose_tile(
+                    tile, words, LANES, "uint32", c16 * LANES
+                )
+                for c in range(LANES):
+                    if column(c16 * LANES + c) < rows_out - vp * pv:
+                        for w in T.vectorized(words):
+                            y32[vp * pv + column(c16 * LANES + c), vs * words + w] = words_t[
+                                c * words + w
+                            ]
 
     g_rows = STAGE_ROWS // r if staged else 1
     if dequantize is not None:
@@ -279,7 +299,10 @@ def int8_wx(
     else:
         stage = ((words, pv), "uint32")
     args = (n, kg, p, r, mv, pv, nb, y_shape, y_dtype, requant, g_rows, store if staged else None)
-    args = (*args, stage)
+    helpers = shuffles.llvm_ir(words, LANES, "uint32") + shuffles.llvm_ir(
+        STAGE_ROWS, LANES, "float32", 2
+    )
+    args = (*args, stage, helpers)
     if variant.gather:
         func = _quad_kernel(*args, max(nnzb, 1))
     elif variant.sparse:
@@ -299,7 +322,9 @@ def _chunks(stages: int) -> tuple[int, int]:
     return -(-stages // per_chunk), per_chunk
 
 
-def _dense_kernel(n, kg, p, r, mv, pv, nb, y_shape, out_dtype, requant, g_rows, store, stage):
+def _dense_kernel(
+    n, kg, p, r, mv, pv, nb, y_shape, out_dtype, requant, g_rows, store, stage, helpers
+):
     """`g_rows` block rows per tile; `store` (staged output) or None (requant writes Y)."""
     y_all = tuple(slice(0, d) for d in y_shape)
     chunks, per_chunk = _chunks(nb // g_rows)
@@ -312,50 +337,56 @@ def _dense_kernel(n, kg, p, r, mv, pv, nb, y_shape, out_dtype, requant, g_rows, 
         scale: T.Buffer((n,), "float32"),
         Y: T.Buffer(y_shape, out_dtype),
     ):
-        for ch in T.parallel(chunks):
-            acc = T.alloc_buffer((1, r, pv), "int32", annotations=ON_STACK)
-            tile_buf = T.alloc_buffer(stage[0], stage[1], annotations=ON_STACK)
-            for bs, p0 in T.grid(per_chunk, p // pv):
-                with T.sblock("tile"):
-                    vs = T.axis.spatial(nb // g_rows, ch * per_chunk + bs)
-                    vp = T.axis.spatial(p // pv, p0)
-                    T.where(ch * per_chunk + bs < nb // g_rows)
-                    T.reads(
-                        Xp[0:kg, vp * pv : vp * pv + pv, 0:4],
-                        data[vs * g_rows : vs * g_rows + g_rows, 0:kg, 0:r, 0:4],
-                        bias[vs * g_rows * r : vs * g_rows * r + g_rows * r],
-                        scale[vs * g_rows * r : vs * g_rows * r + g_rows * r],
-                    )
-                    T.writes(Y[y_all])
-                    for g in range(g_rows):
-                        for i in T.unroll(r):
-                            for j in T.vectorized(pv):
-                                acc[0, i, j] = 0
-                        for gk in range(kg):
+        with T.attr(0, shuffles.IMPORT, helpers):
+            for ch in T.parallel(chunks):
+                acc = T.alloc_buffer((1, r, pv), "int32", annotations=ON_STACK)
+                tile_buf = T.alloc_buffer(stage[0], stage[1], annotations=ON_STACK)
+                scratch = T.alloc_buffer((128,), "float32", annotations=ON_STACK)
+                for bs, p0 in T.grid(per_chunk, p // pv):
+                    with T.sblock("tile"):
+                        vs = T.axis.spatial(nb // g_rows, ch * per_chunk + bs)
+                        vp = T.axis.spatial(p // pv, p0)
+                        T.where(ch * per_chunk + bs < nb // g_rows)
+                        T.reads(
+                            Xp[0:kg, vp * pv : vp * pv + pv, 0:4],
+                            data[vs * g_rows : vs * g_rows + g_rows, 0:kg, 0:r, 0:4],
+                            bias[vs * g_rows * r : vs * g_rows * r + g_rows * r],
+                            scale[vs * g_rows * r : vs * g_rows * r + g_rows * r],
+                        )
+                        T.writes(Y[y_all])
+                        for g in range(g_rows):
                             for i in T.unroll(r):
-                                for v in T.unroll(mv):
-                                    for lane, e in T.grid(16, 4):
-                                        with T.sblock("dot"):
-                                            vr = T.axis.spatial(g_rows, g)
-                                            vg, vi, vv, vl, ve = T.axis.remap(
-                                                "RSSSR", [gk, i, v, lane, e]
-                                            )
-                                            acc[0, vi, vv * 16 + vl] = acc[
-                                                0, vi, vv * 16 + vl
-                                            ] + T.cast(
-                                                Xp[vg, vp * pv + vv * 16 + vl, ve], "int32"
-                                            ) * T.cast(data[vs * g_rows + vr, vg, vi, ve], "int32")
-                        if store is None:
-                            requant(acc, bias, scale, Y, vs * g_rows + g, vp, g)
-                        else:
-                            requant(acc, bias, scale, tile_buf, vs * g_rows + g, vp, g)
-                    if store is not None:
-                        store(tile_buf, Y, vs, vp)
+                                for j in T.vectorized(pv):
+                                    acc[0, i, j] = 0
+                            for gk in range(kg):
+                                for i in T.unroll(r):
+                                    for v in T.unroll(mv):
+                                        for lane, e in T.grid(16, 4):
+                                            with T.sblock("dot"):
+                                                vr = T.axis.spatial(g_rows, g)
+                                                vg, vi, vv, vl, ve = T.axis.remap(
+                                                    "RSSSR", [gk, i, v, lane, e]
+                                                )
+                                                acc[0, vi, vv * 16 + vl] = acc[
+                                                    0, vi, vv * 16 + vl
+                                                ] + T.cast(
+                                                    Xp[vg, vp * pv + vv * 16 + vl, ve], "int32"
+                                                ) * T.cast(
+                                                    data[vs * g_rows + vr, vg, vi, ve], "int32"
+                                                )
+                            if store is None:
+                                requant(acc, bias, scale, Y, vs * g_rows + g, vp, g)
+                            else:
+                                requant(acc, bias, scale, tile_buf, vs * g_rows + g, vp, g)
+                        if store is not None:
+                            store(tile_buf, Y, vs, vp, scratch)
 
     return kernel
 
 
-def _bsr_kernel(n, kg, p, r, mv, pv, nb, y_shape, out_dtype, requant, g_rows, store, stage, nnzb):
+def _bsr_kernel(
+    n, kg, p, r, mv, pv, nb, y_shape, out_dtype, requant, g_rows, store, stage, helpers, nnzb
+):
     """As `_dense_kernel`, over the stored blocks of each block row (BSR)."""
     y_all = tuple(slice(0, d) for d in y_shape)
     chunks, per_chunk = _chunks(nb // g_rows)
@@ -370,51 +401,57 @@ def _bsr_kernel(n, kg, p, r, mv, pv, nb, y_shape, out_dtype, requant, g_rows, st
         scale: T.Buffer((n,), "float32"),
         Y: T.Buffer(y_shape, out_dtype),
     ):
-        for ch in T.parallel(chunks):
-            acc = T.alloc_buffer((1, r, pv), "int32", annotations=ON_STACK)
-            tile_buf = T.alloc_buffer(stage[0], stage[1], annotations=ON_STACK)
-            for bs, p0 in T.grid(per_chunk, p // pv):
-                with T.sblock("tile"):
-                    vs = T.axis.spatial(nb // g_rows, ch * per_chunk + bs)
-                    vp = T.axis.spatial(p // pv, p0)
-                    T.where(ch * per_chunk + bs < nb // g_rows)
-                    T.reads(
-                        Xp[0:kg, vp * pv : vp * pv + pv, 0:4],
-                        data[0:nnzb, 0:r, 0:4],
-                        indices[0:nnzb],
-                        indptr[vs * g_rows : vs * g_rows + g_rows + 1],
-                        bias[vs * g_rows * r : vs * g_rows * r + g_rows * r],
-                        scale[vs * g_rows * r : vs * g_rows * r + g_rows * r],
-                    )
-                    T.writes(Y[y_all])
-                    for g in range(g_rows):
-                        for i in T.unroll(r):
-                            for j in T.vectorized(pv):
-                                acc[0, i, j] = 0
-                        for blk in range(indptr[vs * g_rows + g], indptr[vs * g_rows + g + 1]):
-                            col: T.let = indices[blk]
+        with T.attr(0, shuffles.IMPORT, helpers):
+            for ch in T.parallel(chunks):
+                acc = T.alloc_buffer((1, r, pv), "int32", annotations=ON_STACK)
+                tile_buf = T.alloc_buffer(stage[0], stage[1], annotations=ON_STACK)
+                scratch = T.alloc_buffer((128,), "float32", annotations=ON_STACK)
+                for bs, p0 in T.grid(per_chunk, p // pv):
+                    with T.sblock("tile"):
+                        vs = T.axis.spatial(nb // g_rows, ch * per_chunk + bs)
+                        vp = T.axis.spatial(p // pv, p0)
+                        T.where(ch * per_chunk + bs < nb // g_rows)
+                        T.reads(
+                            Xp[0:kg, vp * pv : vp * pv + pv, 0:4],
+                            data[0:nnzb, 0:r, 0:4],
+                            indices[0:nnzb],
+                            indptr[vs * g_rows : vs * g_rows + g_rows + 1],
+                            bias[vs * g_rows * r : vs * g_rows * r + g_rows * r],
+                            scale[vs * g_rows * r : vs * g_rows * r + g_rows * r],
+                        )
+                        T.writes(Y[y_all])
+                        for g in range(g_rows):
                             for i in T.unroll(r):
-                                for v in T.unroll(mv):
-                                    for lane, e in T.grid(16, 4):
-                                        with T.sblock("dot"):
-                                            vj = T.axis.reduce(nnzb, blk)
-                                            vi, vv, vl, ve = T.axis.remap("SSSR", [i, v, lane, e])
-                                            acc[0, vi, vv * 16 + vl] = acc[
-                                                0, vi, vv * 16 + vl
-                                            ] + T.cast(
-                                                Xp[col, vp * pv + vv * 16 + vl, ve], "int32"
-                                            ) * T.cast(data[vj, vi, ve], "int32")
-                        if store is None:
-                            requant(acc, bias, scale, Y, vs * g_rows + g, vp, g)
-                        else:
-                            requant(acc, bias, scale, tile_buf, vs * g_rows + g, vp, g)
-                    if store is not None:
-                        store(tile_buf, Y, vs, vp)
+                                for j in T.vectorized(pv):
+                                    acc[0, i, j] = 0
+                            for blk in range(indptr[vs * g_rows + g], indptr[vs * g_rows + g + 1]):
+                                col: T.let = indices[blk]
+                                for i in T.unroll(r):
+                                    for v in T.unroll(mv):
+                                        for lane, e in T.grid(16, 4):
+                                            with T.sblock("dot"):
+                                                vj = T.axis.reduce(nnzb, blk)
+                                                vi, vv, vl, ve = T.axis.remap(
+                                                    "SSSR", [i, v, lane, e]
+                                                )
+                                                acc[0, vi, vv * 16 + vl] = acc[
+                                                    0, vi, vv * 16 + vl
+                                                ] + T.cast(
+                                                    Xp[col, vp * pv + vv * 16 + vl, ve], "int32"
+                                                ) * T.cast(data[vj, vi, ve], "int32")
+                            if store is None:
+                                requant(acc, bias, scale, Y, vs * g_rows + g, vp, g)
+                            else:
+                                requant(acc, bias, scale, tile_buf, vs * g_rows + g, vp, g)
+                        if store is not None:
+                            store(tile_buf, Y, vs, vp, scratch)
 
     return kernel
 
 
-def _quad_kernel(n, kg, p, r, mv, pv, nb, y_shape, out_dtype, requant, g_rows, store, stage, nnzb):
+def _quad_kernel(
+    n, kg, p, r, mv, pv, nb, y_shape, out_dtype, requant, g_rows, store, stage, helpers, nnzb
+):
     """As `_bsr_kernel`, for blocks of `r` rows x 4 arbitrary columns (`ColumnQuads`): the
     activation is K-major bytes ``Xk[K, P]``, each 64-column window in `int8_quad`'s stored
     order, and each block's 4 rows are gathered into VNNI order in registers."""
@@ -442,10 +479,11 @@ def _quad_kernel(n, kg, p, r, mv, pv, nb, y_shape, out_dtype, requant, g_rows, s
                 scale[0:n],
             )
             T.writes(Y[y_all])
-            with T.attr(0, int8_quad.IMPORT, int8_quad.llvm_ir()):
+            with T.attr(0, shuffles.IMPORT, helpers + int8_quad.llvm_ir()):
                 for ch in T.parallel(chunks):
                     acc = T.alloc_buffer((1, r, pv), "int32", annotations=ON_STACK)
                     tile_buf = T.alloc_buffer(stage[0], stage[1], annotations=ON_STACK)
+                    scratch = T.alloc_buffer((128,), "float32", annotations=ON_STACK)
                     quad = T.alloc_buffer((pv, 4), "uint8", annotations=ON_STACK)
                     quad_words = T.decl_buffer((pv * 4,), "uint8", data=quad.data)
                     for bs, p0 in T.grid(per_chunk, p // pv):
@@ -490,6 +528,6 @@ def _quad_kernel(n, kg, p, r, mv, pv, nb, y_shape, out_dtype, requant, g_rows, s
                                 else:
                                     requant(acc, bias, scale, tile_buf, vs * g_rows + g, vp, g)
                             if store is not None:
-                                store(tile_buf, Y, vs, vp)
+                                store(tile_buf, Y, vs, vp, scratch)
 
     return kernel
