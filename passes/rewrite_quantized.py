@@ -23,7 +23,9 @@ Runtime does, so a result next to a .5 boundary may differ by one step from the 
 
 Matched: 2-D MatMul (and Gemm after import), batch-1 pointwise NCHW convs (1x1, stride 1, no
 padding, one group) with symmetric int8 weights (per tensor or per output channel) and per-tensor
-activation parameters, reduction length a multiple of 4. Everything else stays as imported.
+activation parameters, reduction length a multiple of 4; and (QDQ only) batch-1 3x3 depthwise
+NCHW convs, stride 1 or 2, as `tvm_sparse.schedules.int8_depthwise` kernels. Everything else
+stays as imported.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvm_sparse._compat import Constant, constant_value
 from tvm_sparse.formats import to_bsr, to_column_quads
-from tvm_sparse.schedules import int8_matmul, int8_pack
+from tvm_sparse.schedules import int8_depthwise, int8_matmul, int8_pack
 from tvm_sparse.schedules.int8_matmul import Int8Variant
 from tvm_sparse.schedules.int8_vnni import GROUP
 
@@ -67,8 +69,8 @@ class QuantLayer:
     """One integer layer: weight [N, K] int8 ([out, in] view) and its quantization parameters."""
 
     key: str
-    kind: str  # "matmul" (x [M, K]) or "conv1x1" (x [1, K, H, W])
-    weight: np.ndarray = field(repr=False)
+    kind: str  # "matmul" (x [M, K]), "conv1x1" or "depthwise" (3x3; x [1, K, H, W])
+    weight: np.ndarray = field(repr=False)  # depthwise: [C, 9]
     columns: int  # M rows (matmul) or H*W pixels (conv)
     x_dtype: str
     x_zp: int
@@ -77,7 +79,9 @@ class QuantLayer:
     y_dtype: str
     y_zp: int
     relu: bool = False
-    hw: tuple[int, int] | None = None
+    hw: tuple[int, int] | None = None  # conv input (H, W)
+    stride: int = 1  # depthwise only
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)  # depthwise only: top, left, bottom, right
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -157,6 +161,20 @@ def _pointwise(call) -> bool:
     )
 
 
+def _depthwise(call, channels: int) -> bool:
+    """A 3x3 depthwise NCHW conv (stride 1 or 2, no dilation) of `channels` channels."""
+    a = call.attrs
+    strides = [int(v) for v in a.strides]
+    return (
+        int(a.groups) == channels
+        and strides[0] == strides[1]
+        and strides[0] in (1, 2)
+        and [int(v) for v in a.dilation] == [1, 1]
+        and a.data_layout == "NCHW"
+        and a.kernel_layout == "OIHW"
+    )
+
+
 def match(q_call: relax.Call, bindings: dict) -> tuple[QuantLayer, relax.Expr] | None:
     """The layer of a ``R.quantize`` call and its quantized activation, or None."""
     if not (isinstance(q_call, relax.Call) and q_call.op == _OPS["quantize"]):
@@ -192,7 +210,16 @@ def match(q_call: relax.Call, bindings: dict) -> tuple[QuantLayer, relax.Expr] |
     ):
         return None
     x_shape = [int(d) for d in x_q.ty.shape.values]
-    if conv:
+    stride, pads = 1, (0, 0, 0, 0)
+    if conv and x_shape[0] == 1 and w_q.shape[1:] == (1, 3, 3) and _depthwise(node, x_shape[1]):
+        if w_q.shape[0] != x_shape[1]:
+            return None
+        weight, hw, kind = w_q.reshape(w_q.shape[0], 9), (x_shape[2], x_shape[3]), "depthwise"
+        stride, pads = int(node.attrs.strides[0]), tuple(int(v) for v in node.attrs.padding)
+        out_hw = [int(d) for d in node.ty.shape.values][2:]
+        columns = out_hw[0] * out_hw[1]
+        axis_ok = w_scale.size == 1 or w_dq[3] % 4 == 0
+    elif conv:
         if not _pointwise(node) or w_q.shape[2:] != (1, 1) or x_shape[0] != 1:
             return None
         weight, hw = w_q[:, :, 0, 0], (x_shape[2], x_shape[3])
@@ -205,7 +232,7 @@ def match(q_call: relax.Call, bindings: dict) -> tuple[QuantLayer, relax.Expr] |
         hw, columns, kind = None, x_shape[0], "matmul"
         axis_ok = w_scale.size == 1 or w_dq[3] % 2 == (0 if transposed else 1)
     n, k = weight.shape
-    if not axis_ok or k % GROUP or w_scale.size not in (1, n):
+    if not axis_ok or (k % GROUP and kind != "depthwise") or w_scale.size not in (1, n):
         return None
     unit = (np.float32(x_scale.reshape(())) * np.broadcast_to(w_scale, (n,))).astype(np.float32)
     bias = np.zeros(n, np.int32)
@@ -229,6 +256,8 @@ def match(q_call: relax.Call, bindings: dict) -> tuple[QuantLayer, relax.Expr] |
         y_zp=int(y_zp.reshape(())),
         relu=relu,
         hw=hw,
+        stride=stride,
+        pads=pads,
     )
     return layer, x_q
 
@@ -452,6 +481,33 @@ def emit_int8(
     return y
 
 
+def emit_depthwise(bb: relax.BlockBuilder, layer: QuantLayer, x_q: relax.Expr):
+    """Emit the int8 depthwise kernel for `layer` on its quantized NCHW input."""
+    c = layer.shape[0]
+    func = int8_depthwise.depthwise3x3(
+        c,
+        layer.hw,
+        layer.stride,
+        layer.pads,
+        layer.x_dtype,
+        layer.x_zp,
+        layer.y_dtype,
+        layer.y_zp,
+        layer.relu,
+    )
+    func = func.with_attr("tvm_sparse.layer_key", layer.key)
+    gv = bb.add_func(func, f"dw3x3_u8s8_{layer.key.split(':')[1][:8]}")
+    bias, scale = epilogue_operands(layer, c)
+    words = int8_depthwise.weight_words(layer.weight.reshape(c, 3, 3))
+    args = [x_q, relax.const(words, "int32"), relax.const(bias, "int32")]
+    args.append(relax.const(scale, "float32"))
+    ho, wo = (
+        int8_depthwise.output_size(layer.hw[0], layer.stride, layer.pads[0::2]),
+        int8_depthwise.output_size(layer.hw[1], layer.stride, layer.pads[1::2]),
+    )
+    return bb.emit(relax.call_tir(gv, args, relax.TensorType([1, c, ho, wo], layer.y_dtype)))
+
+
 def _use_counts(func: relax.Function) -> dict:
     """How many times each variable of `func` is used."""
     counts: dict = {}
@@ -487,8 +543,24 @@ class _Rewriter(PyExprMutator):
         return found is not None and found[0].key in self.plan
 
     def _emit(self, layer: QuantLayer, x_q, dequantize: float | None = None) -> relax.Expr:
+        if layer.kind == "depthwise":
+            source = (
+                None if self._planned(x_q) else _float_source(x_q, self.bindings, layer.x_dtype)
+            )
+            if source is not None:  # a QuantizeLinear of a float tensor: our flat quantize
+                x = self.visit_expr(source[0])
+                shape = [int(d) for d in x.ty.shape.values]
+                func = int8_pack.quantize_flat(tuple(shape), layer.x_dtype, *source[1:])
+                gv = self.builder_.add_func(func, f"quantize_{layer.x_dtype}")
+                x_q = self.builder_.emit(
+                    relax.call_tir(gv, [x], relax.TensorType(shape, layer.x_dtype))
+                )
+                return emit_depthwise(self.builder_, layer, x_q)
+            return emit_depthwise(self.builder_, layer, self.visit_expr(x_q))
         source = _float_source(x_q, self.bindings, layer.x_dtype)
         if layer.kind == "matmul" and layer.shape[1] < int8_pack.QUANTIZE_ROWMAJOR_MIN_K:
+            source = None
+        if self._planned(x_q):  # produced by an integer layer (e.g. a depthwise conv)
             source = None
         if source is not None:
             source = (self.visit_expr(source[0]), *source[1:])

@@ -505,6 +505,10 @@ def select_int8(
     for i, layer in enumerate(layers):
         if progress:
             progress(i, len(layers))
+        if layer.kind == "depthwise":  # one kernel, nothing to choose
+            why = "3x3 depthwise: int8 VNNI kernel"
+            decisions.append(Decision(layer, "dw3x3_u8s8", None, why=why))
+            continue
         cands = int8_candidates(layer)
         dense = cands[0][0]
         if sparse == "off" or len(cands) == 1:

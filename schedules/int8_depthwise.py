@@ -1,0 +1,240 @@
+"""int8 depthwise 3x3 convolution with AVX512-VNNI: NCHW (u)int8 in, requantized (u)int8 out.
+
+Per channel c and output row, 16 output pixels at a time: each of the 3 kernel rows
+contributes one ``vpdpbusd`` whose lane l holds the 3 input bytes under the kernel row,
+``[x[s l], x[s l + 1], x[s l + 2], 0]`` (s the stride), times the broadcast weight word
+``[w0, w1, w2, 0]``. The lanes are built from one 64-byte load of a padded copy of the input
+row by a byte permute (`llvm_ir`, an LLVM IR helper: ``vpermb`` with zero masking). The padded
+rows hold the activation zero point at the borders, so padding contributes exactly what the
+zero-point correction in the bias (``-x_zp * sum(w)``) expects.
+
+The epilogue is `int8_matmul`'s: ``clamp(rint(float32(acc + bias[c]) * scale[c]) + zp)``,
+ReLU as a clamp at the zero point. int8 activations are shifted into uint8 (+128, their zero
+point too) while the rows are copied.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from tvm import tirx
+from tvm.script import tirx as T
+
+from tvm_sparse._compat import ATTR_NOALIAS, ATTR_SCHEDULED
+
+from .int8_matmul import QRANGE, _epilogue_bounds
+from .int8_vnni import LANES
+from .shuffles import IMPORT
+
+KERNEL = 3  # kernel height and width
+ROW_SLACK = 64  # bytes past a padded row that a 64-byte load may touch
+PARALLEL_CHUNKS = 8
+
+
+@functools.cache
+def llvm_ir(stride: int) -> str:
+    """``tvm_sparse_dw_lanes{stride}(<64 x i8> row) -> <64 x i8>``:
+    ``out[4 l + e] = row[stride l + e]`` for e < 3, 0 for e = 3."""
+    mask = ", ".join(
+        f"i32 {stride * lane + e if e < KERNEL else 64}" for lane in range(LANES) for e in range(4)
+    )
+    return (
+        f"define <64 x i8> @tvm_sparse_dw_lanes{stride}(<64 x i8> %row) {{\n"
+        f"  %out = shufflevector <64 x i8> %row, <64 x i8> zeroinitializer, <64 x i32> <{mask}>\n"
+        "  ret <64 x i8> %out\n}\n"
+    )
+
+
+def weight_words(weight: np.ndarray) -> np.ndarray:
+    """[C, 3, 3] int8 -> [C, 3] int32 words ``w0 | w1 << 8 | w2 << 16`` (byte 3 zero)."""
+    c = weight.shape[0]
+    padded = np.zeros((c, KERNEL, 4), np.int8)
+    padded[:, :, :KERNEL] = weight.reshape(c, KERNEL, KERNEL)
+    return padded.view(np.int32).reshape(c, KERNEL)
+
+
+def output_size(size: int, stride: int, pad: tuple[int, int]) -> int:
+    return (size + pad[0] + pad[1] - KERNEL) // stride + 1
+
+
+def depthwise3x3(
+    channels: int,
+    hw: tuple[int, int],
+    stride: int,
+    pads: tuple[int, int, int, int],
+    x_dtype: str,
+    x_zp: int,
+    out_dtype: str = "uint8",
+    zp: int = 0,
+    relu: bool = False,
+) -> tirx.PrimFunc:
+    """The kernel for one layer.
+
+    Parameters
+    ----------
+    channels, hw
+        Input [1, C, H, W].
+    stride, pads
+        Stride (1 or 2) and padding (top, left, bottom, right).
+    x_dtype, x_zp
+        Activation type and zero point.
+    out_dtype, zp, relu
+        Output type, output zero point, ReLU fused as a clamp at the zero point.
+
+    Returns
+    -------
+    PrimFunc
+        Arguments ``(X [1, C, H, W], words [C, 3] int32, bias [C] int32, scale [C] float32,
+        Y [1, C, Ho, Wo])``; ``bias`` already holds ``-x_zp' * sum(w[c])`` with x_zp' the
+        zero point of the shifted activation.
+    """
+    if stride not in (1, 2):
+        raise ValueError(f"depthwise stride {stride}: 1 or 2 supported")
+    h, w = hw
+    top, left, bottom, right = pads
+    ho, wo = output_size(h, stride, (top, bottom)), output_size(w, stride, (left, right))
+    vectors = -(-wo // LANES)
+    # padded row, every load in bounds; whole 64-byte vectors (a 176-lane vector store was
+    # split into byte inserts: 188 vs 8 us for 32 x 112 x 112)
+    row_len = -(-(stride * LANES * vectors + ROW_SLACK) // 64) * 64
+    w16 = w // LANES
+    plane_rows = max(h + top + bottom, (ho - 1) * stride + KERNEL)
+    zp_in = x_zp + (128 if x_dtype == "int8" else 0)
+    lo, hi = _epilogue_bounds(out_dtype, zp, relu)
+    flip = 128 if x_dtype == "int8" else 0
+    per_chunk = -(-channels // min(PARALLEL_CHUNKS, channels))
+    chunks = -(-channels // per_chunk)
+    full = wo // LANES  # output vectors with 16 valid pixels
+
+    def requant(acc, bias_c, scale_c):
+        real = tirx.Cast("float32x16", acc + tirx.Broadcast(bias_c, LANES)) * tirx.Broadcast(
+            scale_c, LANES
+        )
+        clamped = tirx.max(
+            tirx.min(tirx.nearbyint(real), tirx.Broadcast(tirx.const(hi, "float32"), LANES)),
+            tirx.Broadcast(tirx.const(lo, "float32"), LANES),
+        )
+        return tirx.Cast(
+            f"{out_dtype}x16", clamped + tirx.Broadcast(tirx.const(float(zp), "float32"), LANES)
+        )
+
+    def lanes(plane, row, ox0):
+        return T.call_extern(
+            "uint8x64",
+            f"tvm_sparse_dw_lanes{stride}",
+            plane.vload([row, stride * ox0], "uint8x64"),
+        )
+
+    def dot(acc, a, word):
+        return T.call_llvm_pure_intrin(
+            "int32x16",
+            "llvm.x86.avx512.vpdpbusd.512",
+            acc,
+            a,
+            T.reinterpret("int8x64", T.Broadcast(word, LANES)),
+        )
+
+    def load_x(X, c, iy, ix):
+        if flip:
+            return T.Cast("uint8", T.Cast("int32", X[0, c, iy, ix]) + flip)
+        return X[0, c, iy, ix]
+
+    @T.prim_func(s_tir=True)
+    def kernel(
+        X: T.Buffer((1, channels, h, w), x_dtype),
+        words: T.Buffer((channels, KERNEL), "int32"),
+        bias: T.Buffer((channels,), "int32"),
+        scale: T.Buffer((channels,), "float32"),
+        Y: T.Buffer((1, channels, ho, wo), out_dtype),
+    ):
+        with T.sblock("root"):
+            T.reads(
+                X[0, 0:channels, 0:h, 0:w],
+                words[0:channels, 0:KERNEL],
+                bias[0:channels],
+                scale[0:channels],
+            )
+            T.writes(Y[0, 0:channels, 0:ho, 0:wo])
+            with T.attr(0, IMPORT, llvm_ir(stride)):
+                for ch in T.parallel(chunks):
+                    # the channel's input plane padded with the zero point, filled once per
+                    # channel and read long after (filling the 3 rows under each output row
+                    # just before the vector loads stalled store forwarding: 77 vs 12 us)
+                    plane = T.alloc_buffer((plane_rows, row_len), "uint8")
+                    tail = T.alloc_buffer((LANES,), out_dtype)
+                    for cc in range(per_chunk):
+                        if ch * per_chunk + cc < channels:
+                            for r in range(plane_rows):
+                                for j64 in range(row_len // 64):
+                                    for j in T.vectorized(64):
+                                        plane[r, j64 * 64 + j] = T.uint8(zp_in)
+                            for iy in range(h):
+                                for j16 in range(w16):
+                                    for j in T.vectorized(LANES):
+                                        plane[top + iy, left + j16 * LANES + j] = load_x(
+                                            X, ch * per_chunk + cc, iy, j16 * LANES + j
+                                        )
+                                for j in range(w - w16 * LANES):
+                                    plane[top + iy, left + w16 * LANES + j] = load_x(
+                                        X, ch * per_chunk + cc, iy, w16 * LANES + j
+                                    )
+                            for oy, v in T.grid(ho, vectors):
+                                acc: T.let = dot(
+                                    dot(
+                                        dot(
+                                            T.Broadcast(T.int32(0), LANES),
+                                            lanes(plane, oy * stride, v * LANES),
+                                            words[ch * per_chunk + cc, 0],
+                                        ),
+                                        lanes(plane, oy * stride + 1, v * LANES),
+                                        words[ch * per_chunk + cc, 1],
+                                    ),
+                                    lanes(plane, oy * stride + 2, v * LANES),
+                                    words[ch * per_chunk + cc, 2],
+                                )
+                                out: T.let = requant(
+                                    acc, bias[ch * per_chunk + cc], scale[ch * per_chunk + cc]
+                                )
+                                if v < full:
+                                    Y[0, ch * per_chunk + cc, oy, v * LANES : v * LANES + LANES] = (
+                                        out
+                                    )
+                                else:
+                                    tail[0:LANES] = out
+                                    for j in range(wo - full * LANES):
+                                        Y[0, ch * per_chunk + cc, oy, full * LANES + j] = tail[j]
+
+    func = kernel.without_attr("global_symbol")
+    return func.with_attrs(
+        {ATTR_NOALIAS: True, ATTR_SCHEDULED: True, "tvm_sparse.kernel": "dw3x3_u8s8"}
+    )
+
+
+def reference(
+    x: np.ndarray,
+    weight: np.ndarray,
+    stride: int,
+    pads: tuple[int, int, int, int],
+    x_zp: int,
+    bias: np.ndarray,
+    scale: np.ndarray,
+    out_dtype: str,
+    zp: int,
+    relu: bool,
+) -> np.ndarray:
+    """NumPy: int64 depthwise conv of ``x - x_zp`` (zero padding), + bias, requantized."""
+    _, c, h, w = x.shape
+    top, left, bottom, right = pads
+    xp = np.pad(x.astype(np.int64) - x_zp, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    ho = output_size(h, stride, (top, bottom))
+    wo = output_size(w, stride, (left, right))
+    acc = np.zeros((c, ho, wo), np.int64)
+    for dy in range(KERNEL):
+        for dx in range(KERNEL):
+            win = xp[0, :, dy : dy + stride * ho : stride, dx : dx + stride * wo : stride]
+            acc += win * weight[:, dy, dx].astype(np.int64)[:, None, None]
+    real = (acc + bias[:, None, None]).astype(np.float32) * scale[:, None, None]
+    lo, hi = QRANGE[out_dtype]
+    lo = max(lo, zp) if relu else lo
+    return np.clip(np.rint(real) + zp, lo, hi).astype(out_dtype)[None]
