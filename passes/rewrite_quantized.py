@@ -40,7 +40,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvm_sparse._compat import Constant, constant_value
 from tvm_sparse.formats import to_bsr, to_column_quads
-from tvm_sparse.schedules import int8_depthwise, int8_matmul, int8_pack
+from tvm_sparse.schedules import int8_depthwise, int8_matmul, int8_pack, int8_rows3
 from tvm_sparse.schedules.int8_matmul import Int8Variant
 from tvm_sparse.schedules.int8_vnni import GROUP
 
@@ -69,7 +69,9 @@ class QuantLayer:
     """One integer layer: weight [N, K] int8 ([out, in] view) and its quantization parameters."""
 
     key: str
-    kind: str  # "matmul" (x [M, K]), "conv1x1" or "depthwise" (3x3; x [1, K, H, W])
+    # "matmul" (x [M, K]); "conv1x1", "depthwise" (3x3) or "rows3" (3x3, few input channels,
+    # weight as `int8_rows3.weight_matrix`): x [1, C, H, W]
+    kind: str
     weight: np.ndarray = field(repr=False)  # depthwise: [C, 9]
     columns: int  # M rows (matmul) or H*W pixels (conv)
     x_dtype: str
@@ -80,12 +82,22 @@ class QuantLayer:
     y_zp: int
     relu: bool = False
     hw: tuple[int, int] | None = None  # conv input (H, W)
-    stride: int = 1  # depthwise only
-    pads: tuple[int, int, int, int] = (0, 0, 0, 0)  # depthwise only: top, left, bottom, right
+    stride: int = 1  # depthwise / rows3
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)  # depthwise / rows3: top, left, bottom, right
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.weight.shape)
+
+    @property
+    def out_hw(self) -> tuple[int, int] | None:
+        """The conv output (H, W) (None for a MatMul)."""
+        if self.hw is None or self.kind == "conv1x1":
+            return self.hw
+        return (
+            int8_depthwise.output_size(self.hw[0], self.stride, self.pads[0::2]),
+            int8_depthwise.output_size(self.hw[1], self.stride, self.pads[1::2]),
+        )
 
 
 def _bound(expr, bindings):
@@ -215,6 +227,18 @@ def match(q_call: relax.Call, bindings: dict) -> tuple[QuantLayer, relax.Expr] |
         if w_q.shape[0] != x_shape[1]:
             return None
         weight, hw, kind = w_q.reshape(w_q.shape[0], 9), (x_shape[2], x_shape[3]), "depthwise"
+        stride, pads = int(node.attrs.strides[0]), tuple(int(v) for v in node.attrs.padding)
+        out_hw = [int(d) for d in node.ty.shape.values][2:]
+        columns = out_hw[0] * out_hw[1]
+        axis_ok = w_scale.size == 1 or w_dq[3] % 4 == 0
+    elif (
+        conv
+        and x_shape[0] == 1
+        and w_q.shape[1:] == (x_shape[1], 3, 3)
+        and x_shape[1] <= int8_rows3.MAX_CHANNELS
+        and _depthwise(node, 1)  # one group: a full 3x3 conv over few channels (a stem)
+    ):
+        weight, hw, kind = int8_rows3.weight_matrix(w_q), (x_shape[2], x_shape[3]), "rows3"
         stride, pads = int(node.attrs.strides[0]), tuple(int(v) for v in node.attrs.padding)
         out_hw = [int(d) for d in node.ty.shape.values][2:]
         columns = out_hw[0] * out_hw[1]
@@ -434,7 +458,22 @@ def emit_int8(
     tag = layer.key.split(":")[1][:8]
     operand = x_q if quantized_from is None else quantized_from[0]
     quant = None if quantized_from is None else quantized_from[1:]
-    if variant.gather:  # plain K-major bytes Xk[K, P]
+    if layer.kind == "rows3" and variant.gather:  # its lanes are the [K/4, P, 4] layout
+        variant = Int8Variant(variant.rows, sparse=False)
+    if layer.kind == "rows3":  # zero-point padded planes, then kernel-row lanes
+        c = k // (GROUP * int8_rows3.KERNEL)
+        geo = int8_rows3.geometry(layer.hw, layer.stride, layer.pads)
+        pad = int8_rows3.pad(
+            c, layer.hw, layer.stride, layer.pads, layer.x_dtype, layer.x_zp, quant
+        )
+        pad_gv = bb.add_func(pad, f"{pad.attrs['tvm_sparse.kernel']}_{tag}")
+        planes = bb.emit(
+            relax.call_tir(pad_gv, [operand], relax.TensorType([c, *geo[2:]], "uint8"))
+        )
+        pack = int8_rows3.lanes(c, layer.hw, layer.stride, layer.pads, pp)
+        operand = planes
+        packed = relax.TensorType([k // GROUP, pp, GROUP], "uint8")
+    elif variant.gather:  # plain K-major bytes Xk[K, P]
         if layer.kind == "matmul":
             pack = int8_pack.bytes_rowmajor(p, k, layer.x_dtype, columns=pp, quantize=quant)
         else:
@@ -466,14 +505,14 @@ def emit_int8(
         layer.y_zp,
         layer.relu,
         rows_out=rows_out,
-        conv_hw=layer.hw,
+        conv_hw=layer.out_hw,
         dequantize=dequantize,
     )
     func = func.with_attr("tvm_sparse.layer_key", layer.key)
     gv = bb.add_func(func, f"{variant.name}_{tag}")
     args = [xp] + [relax.const(w, str(w.dtype)) for w in weights]
     args += [relax.const(bias, "int32"), relax.const(scale, "float32")]
-    out_shape = [p, npad] if rows_out is not None else [1, npad, *layer.hw]
+    out_shape = [p, npad] if rows_out is not None else [1, npad, *layer.out_hw]
     y_dtype = layer.y_dtype if dequantize is None else "float32"
     y = bb.emit(relax.call_tir(gv, args, relax.TensorType(out_shape, y_dtype)))
     if npad != n:  # rows padded to the block height (columns of a MatMul, channels of a conv)

@@ -433,7 +433,7 @@ def int8_candidates(layer) -> list[tuple[object, float]]:
         zeros = zero_block_fraction(layer.weight, (r, 4))
         if zeros >= INT8_MIN_ZEROS:
             out.append((Int8Variant(r), zeros))
-    if n % INT8_QUAD_ROWS == 0:
+    if n % INT8_QUAD_ROWS == 0 and layer.kind != "rows3":  # rows3 packs its own lanes
         zeros = quad_zero_fraction(layer.weight, INT8_QUAD_ROWS)
         # as a BSR zero-block fraction of equal cost, for the threshold policy's comparison
         equivalent = 1.0 - (1.0 - zeros) * INT8_QUAD_COST

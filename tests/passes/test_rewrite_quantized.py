@@ -171,10 +171,12 @@ def test_small_mobilenet_matches_ort(variant):
     model = examples.mobilenet_v1(size=32, width=0.25, classes=10, sparsity=0.9, block=(4, 1))
     qdq = quantize(model)
     ours, ref, rewritten, layers = run_both(qdq, variant)
-    assert [layer.kind for layer in layers] == ["depthwise", "conv1x1"] * 13 + ["matmul"]
+    kinds = ["rows3"] + ["depthwise", "conv1x1"] * 13 + ["matmul"]
+    assert [layer.kind for layer in layers] == kinds
     assert kernels(rewritten).count("dw3x3_u8s8") == 13
-    # every conv but the stem runs in int8: no float conv2d is left besides the stem's
-    assert rewritten.script(show_meta=False).count("R.nn.conv2d(") == 1
+    assert kernels(rewritten).count("rows3_lanes") == 1
+    # every conv runs in int8, the stem (3 input channels) as a matmul over kernel rows
+    assert "R.nn.conv2d(" not in rewritten.script(show_meta=False)
     assert_within_one_step(ours, ref, qdq)
 
 
