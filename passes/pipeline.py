@@ -54,7 +54,28 @@ def _packs_weights(func: tvm.tirx.PrimFunc) -> bool:
         return False
     if not isinstance(func.body, SBlockRealize):
         return False
-    return PREPACK_ATTR in func.script(show_meta=False)
+    return any(PREPACK_ATTR in block.annotations for block in _blocks(func.body))
+
+
+def _blocks(stmt):
+    """Every block under `stmt` (a walk over the statement tree)."""
+    if stmt is None:
+        return
+    if isinstance(stmt, SBlockRealize):
+        yield stmt.block
+        yield from _blocks(stmt.block.body)
+        return
+    if isinstance(stmt, tvm.tirx.SeqStmt):
+        for child in stmt.seq:
+            yield from _blocks(child)
+        return
+    if isinstance(stmt, tvm.tirx.IfThenElse):
+        yield from _blocks(stmt.then_case)
+        yield from _blocks(stmt.else_case)
+        return
+    body = getattr(stmt, "body", None)  # loops, attributes, lets, buffer declarations
+    if isinstance(body, tvm.tirx.Stmt):
+        yield from _blocks(body)
 
 
 def _split_layout_rewrite_preproc() -> tvm.transform.Pass:

@@ -23,7 +23,7 @@ from tvm.script import tirx as T
 
 from tvm_sparse._compat import ATTR_NOALIAS, ATTR_SCHEDULED
 
-from .int8_matmul import QRANGE, _epilogue_bounds
+from .int8_matmul import QRANGE, epilogue_bounds
 from .int8_vnni import LANES
 from .shuffles import IMPORT
 
@@ -102,7 +102,7 @@ def depthwise3x3(
     last_row = channels * h - 1  # the tensor's last row: no reading past it
     plane_rows = max(h + top + bottom, (ho - 1) * stride + KERNEL)
     zp_in = x_zp + (128 if x_dtype == "int8" else 0)
-    lo, hi = _epilogue_bounds(out_dtype, zp, relu)
+    lo, hi = epilogue_bounds(out_dtype, zp, relu)
     flip = 128 if x_dtype == "int8" else 0
     per_chunk = -(-channels // min(PARALLEL_CHUNKS, channels))
     chunks = -(-channels // per_chunk)

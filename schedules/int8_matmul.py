@@ -127,7 +127,7 @@ def _tensorize(func: tirx.PrimFunc) -> tirx.PrimFunc:
     return sch.mod["main"]
 
 
-def _epilogue_bounds(out_dtype: str, zp: int, relu: bool) -> tuple[float, float]:
+def epilogue_bounds(out_dtype: str, zp: int, relu: bool) -> tuple[float, float]:
     lo, hi = QRANGE[out_dtype]
     lo = max(lo, zp) if relu else lo
     return float(lo - zp), float(hi - zp)
@@ -182,7 +182,7 @@ def int8_wx(
             raise ValueError(f"column quads need {int8_quad.WINDOW}-column windows: p={p}, R={r}")
         mv = int8_quad.WINDOW // LANES
     pv, nb = mv * LANES, n // r
-    lo, hi = _epilogue_bounds(out_dtype, zp, relu)
+    lo, hi = epilogue_bounds(out_dtype, zp, relu)
     y_shape = (n, p) if rows_out is None else (rows_out, n)
     if conv_hw is not None:
         y_shape = (1, n, *conv_hw)

@@ -16,6 +16,7 @@ from tvm.script import tirx as T
 from tvm_sparse._compat import ATTR_NOALIAS, ATTR_SCHEDULED
 
 from . import int8_quad as iq
+from . import shuffles
 from . import tile_transpose as tt
 from .common import ON_STACK
 from .int8_matmul import QRANGE
@@ -290,6 +291,11 @@ def _byte(x, dtype: str, quantize: tuple[float, int] | None):
     return x
 
 
+#: Rows x reduction elements of the tiles `bytes_rowmajor` transposes (a 16 x 64 tile and
+#: its transpose, 1 KB each, would leave the stack for workspace calls).
+BYTE_TILE = (16, 32)
+
+
 def _byte_columns(p: int, columns: int | None) -> int:
     pp = columns or -(-p // iq.WINDOW) * iq.WINDOW
     if pp % iq.WINDOW or pp < p:
@@ -353,10 +359,10 @@ def bytes_rowmajor(
     free), quantizing float32 X with ``quantize=(scale, zero_point)``: per 16 rows x 32
     reduction elements, the rows go (quantized) into a stack tile with contiguous vector
     loads and come out as 32 rows of 16 bytes through the register transpose of
-    `int8_quad.transpose_ir`. (Storing them at permuted positions instead became 16
+    `shuffles`. (Storing them at permuted positions instead became 16
     ``vpscatterqd`` per tile: 8 vs 4 us.)"""
     mp, k4 = _byte_columns(m, columns), -(-k // GROUP) * GROUP
-    rows, cols = iq.TILE_ROWS, iq.TILE_COLS
+    rows, cols = BYTE_TILE
     m16, kt = -(-m // rows), k // cols
     x_dtype = "float32" if quantize else dtype
 
@@ -365,23 +371,23 @@ def bytes_rowmajor(
         with T.sblock("root"):
             T.reads(X[0:m, 0:k])
             T.writes(Xk[0:k4, 0:mp])
-            with T.attr(0, iq.IMPORT, iq.transpose_ir()):
+            with T.attr(0, shuffles.IMPORT, shuffles.llvm_ir(rows, cols, "uint8")):
                 if kt > 0:  # whole tiles
                     for t in T.parallel(m16 * kt):
-                        tile = T.alloc_buffer((rows * cols,), "uint8", annotations=ON_STACK)
+                        tile = T.alloc_buffer((rows, cols), "uint8", annotations=ON_STACK)
                         out = T.alloc_buffer((rows * cols,), "uint8", annotations=ON_STACK)
                         for r in range(rows):
                             if (t // kt) * rows + r < m:
                                 for j in T.vectorized(cols):
-                                    tile[r * cols + j] = _byte(
+                                    tile[r, j] = _byte(
                                         X[(t // kt) * rows + r, (t % kt) * cols + j],
                                         dtype,
                                         quantize,
                                     )
                             else:
                                 for j in T.vectorized(cols):
-                                    tile[r * cols + j] = T.uint8(0)
-                        out[0 : rows * cols] = iq.transpose_tile(tile)
+                                    tile[r, j] = T.uint8(0)
+                        out[0 : rows * cols] = shuffles.transpose_tile(tile, rows, cols, "uint8", 0)
                         for c in range(cols):
                             for i in T.vectorized(rows):
                                 Xk[(t % kt) * cols + c, (t // kt) * rows + i] = out[c * rows + i]
