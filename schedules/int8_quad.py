@@ -1,5 +1,5 @@
-"""Byte shuffles for the column-quad int8 kernels: gather 4 arbitrary activation rows into
-VNNI order in registers, and the byte transposes of their activation packs.
+"""The column-quad int8 kernels' gather: 4 arbitrary activation rows into VNNI order, in
+registers.
 
 A weight pruned with R x 1 blocks (e.g. 4x1) keeps, per block of R output rows, an arbitrary
 set of reduction columns. Stored as R x 4 blocks of *aligned* groups of 4 columns it keeps a
@@ -11,10 +11,11 @@ every activation column m, the 4 bytes ``Xk[col_e, m]`` (e < 4) side by side.
 :func:`llvm_ir`'s helper builds that operand for a window of 64 columns from 4 row loads with
 8 in-lane unpacks (bytes, then 16-bit pairs). In-lane unpacks (1 cycle) instead of full-width
 byte permutes (``vpermt2b``, measured 21.8 vs 18.3 us for a 64x1024x1024 layer at 90 % 4x1)
-leave the columns in a fixed order, so the packs store each 64-column window of ``Xk``
-permuted (:func:`stored_column`): position ``16 j + 4 v + t`` holds column ``16 v + 4 j + t``
-(a swap of j and v, its own inverse), and the helper's 4 outputs come out as columns
-0-15, 16-31, 32-47, 48-63.
+leave the columns in a fixed order (:func:`stored_column`): position ``16 j + 4 v + t`` of a
+window holds column ``16 v + 4 j + t`` (a swap of j and v, its own inverse). Conv packs store
+each 64-column window of ``Xk`` in that order, so the helper's 4 outputs come out as columns
+0-15, 16-31, 32-47, 48-63; MatMul packs keep the natural order and the MatMul kernels map the
+columns back where they store their row-major output tile (free there).
 
 The helpers are LLVM IR imported with ``pragma_import_llvm``; TVM inlines them. They take and
 return vector values (the kernel does the loads and stores in TIR, so LLVM keeps TVM's alias
@@ -28,9 +29,7 @@ import functools
 from tvm import tirx
 from tvm.script import tirx as T
 
-#: The AttrStmt key that links the LLVM IR into the function's module.
-IMPORT = "pragma_import_llvm"
-
+from .shuffles import IMPORT  # noqa: F401 - re-exported: the key that links the IR
 
 #: Activation columns per gathered operand (4 zmm registers).
 WINDOW = 64
