@@ -94,10 +94,7 @@ class QuantLayer:
         """The conv output (H, W) (None for a MatMul)."""
         if self.hw is None or self.kind == "conv1x1":
             return self.hw
-        return (
-            int8_depthwise.output_size(self.hw[0], self.stride, self.pads[0::2]),
-            int8_depthwise.output_size(self.hw[1], self.stride, self.pads[1::2]),
-        )
+        return int8_depthwise.geometry(self.hw, self.stride, self.pads)[:2]
 
 
 def _bound(expr, bindings):
@@ -173,12 +170,13 @@ def _pointwise(call) -> bool:
     )
 
 
-def _depthwise(call, channels: int) -> bool:
-    """A 3x3 depthwise NCHW conv (stride 1 or 2, no dilation) of `channels` channels."""
+def _strided_conv(call, groups: int) -> bool:
+    """An NCHW conv of `groups` groups, equal strides of 1 or 2, no dilation (the depthwise
+    and stem kernels' forms; the kernel shape is checked by the caller)."""
     a = call.attrs
     strides = [int(v) for v in a.strides]
     return (
-        int(a.groups) == channels
+        int(a.groups) == groups
         and strides[0] == strides[1]
         and strides[0] in (1, 2)
         and [int(v) for v in a.dilation] == [1, 1]
@@ -223,7 +221,7 @@ def match(q_call: relax.Call, bindings: dict) -> tuple[QuantLayer, relax.Expr] |
         return None
     x_shape = [int(d) for d in x_q.ty.shape.values]
     stride, pads = 1, (0, 0, 0, 0)
-    if conv and x_shape[0] == 1 and w_q.shape[1:] == (1, 3, 3) and _depthwise(node, x_shape[1]):
+    if conv and x_shape[0] == 1 and w_q.shape[1:] == (1, 3, 3) and _strided_conv(node, x_shape[1]):
         if w_q.shape[0] != x_shape[1]:
             return None
         weight, hw, kind = w_q.reshape(w_q.shape[0], 9), (x_shape[2], x_shape[3]), "depthwise"
@@ -236,7 +234,7 @@ def match(q_call: relax.Call, bindings: dict) -> tuple[QuantLayer, relax.Expr] |
         and x_shape[0] == 1
         and w_q.shape[1:] == (x_shape[1], 3, 3)
         and x_shape[1] <= int8_rows3.MAX_CHANNELS
-        and _depthwise(node, 1)  # one group: a full 3x3 conv over few channels (a stem)
+        and _strided_conv(node, 1)  # one group: a full 3x3 conv over few channels (a stem)
     ):
         weight, hw, kind = int8_rows3.weight_matrix(w_q), (x_shape[2], x_shape[3]), "rows3"
         stride, pads = int(node.attrs.strides[0]), tuple(int(v) for v in node.attrs.padding)
@@ -462,7 +460,7 @@ def emit_int8(
         variant = Int8Variant(variant.rows, sparse=False)
     if layer.kind == "rows3":  # zero-point padded planes, then kernel-row lanes
         c = k // (GROUP * int8_rows3.KERNEL)
-        geo = int8_rows3.geometry(layer.hw, layer.stride, layer.pads)
+        geo = int8_depthwise.geometry(layer.hw, layer.stride, layer.pads)
         pad = int8_rows3.pad(
             c, layer.hw, layer.stride, layer.pads, layer.x_dtype, layer.x_zp, quant
         )
@@ -540,11 +538,7 @@ def emit_depthwise(bb: relax.BlockBuilder, layer: QuantLayer, x_q: relax.Expr):
     words = int8_depthwise.weight_words(layer.weight.reshape(c, 3, 3))
     args = [x_q, relax.const(words, "int32"), relax.const(bias, "int32")]
     args.append(relax.const(scale, "float32"))
-    ho, wo = (
-        int8_depthwise.output_size(layer.hw[0], layer.stride, layer.pads[0::2]),
-        int8_depthwise.output_size(layer.hw[1], layer.stride, layer.pads[1::2]),
-    )
-    return bb.emit(relax.call_tir(gv, args, relax.TensorType([1, c, ho, wo], layer.y_dtype)))
+    return bb.emit(relax.call_tir(gv, args, relax.TensorType([1, c, *layer.out_hw], layer.y_dtype)))
 
 
 def _use_counts(func: relax.Function) -> dict:
@@ -582,29 +576,28 @@ class _Rewriter(PyExprMutator):
         return found is not None and found[0].key in self.plan
 
     def _emit(self, layer: QuantLayer, x_q, dequantize: float | None = None) -> relax.Expr:
-        if layer.kind == "depthwise":
-            source = (
-                None if self._planned(x_q) else _float_source(x_q, self.bindings, layer.x_dtype)
-            )
-            if source is not None:  # a QuantizeLinear of a float tensor: our flat quantize
-                x = self.visit_expr(source[0])
-                shape = [int(d) for d in x.ty.shape.values]
-                func = int8_pack.quantize_flat(tuple(shape), layer.x_dtype, *source[1:])
-                gv = self.builder_.add_func(func, f"quantize_{layer.x_dtype}")
-                x_q = self.builder_.emit(
-                    relax.call_tir(gv, [x], relax.TensorType(shape, layer.x_dtype))
-                )
-                return emit_depthwise(self.builder_, layer, x_q)
-            return emit_depthwise(self.builder_, layer, self.visit_expr(x_q))
-        source = _float_source(x_q, self.bindings, layer.x_dtype)
+        # a QuantizeLinear of a float tensor is fused into the pack (or, for a depthwise conv,
+        # which reads its input as is, becomes a flat quantize kernel); not when an integer
+        # layer (e.g. a depthwise conv) produces x_q
+        source = None if self._planned(x_q) else _float_source(x_q, self.bindings, layer.x_dtype)
         if layer.kind == "matmul" and layer.shape[1] < int8_pack.QUANTIZE_ROWMAJOR_MIN_K:
-            source = None
-        if self._planned(x_q):  # produced by an integer layer (e.g. a depthwise conv)
             source = None
         if source is not None:
             source = (self.visit_expr(source[0]), *source[1:])
+        if layer.kind == "depthwise":
+            x = self.visit_expr(x_q) if source is None else self._quantize(layer.x_dtype, *source)
+            return emit_depthwise(self.builder_, layer, x)
         x = self.visit_expr(x_q) if source is None else x_q
         return emit_int8(self.builder_, layer, self.plan[layer.key], x, source, dequantize)
+
+    def _quantize(self, dtype: str, x: relax.Expr, scale: float, zp: int) -> relax.Expr:
+        """Our flat per-tensor QuantizeLinear of float `x` (TVM's legalized one indexes 4-D
+        tensors with div/mod: ~250 us for 32x112x112)."""
+        shape = [int(d) for d in x.ty.shape.values]
+        gv = self.builder_.add_func(
+            int8_pack.quantize_flat(tuple(shape), dtype, scale, zp), f"quantize_{dtype}"
+        )
+        return self.builder_.emit(relax.call_tir(gv, [x], relax.TensorType(shape, dtype)))
 
     def _dequantize(self, call: relax.Call) -> relax.Expr | None:
         """A per-tensor DequantizeLinear of an int8 kernel's output: fused into the kernel when

@@ -23,13 +23,13 @@ from tvm.script import tirx as T
 
 from tvm_sparse._compat import ATTR_NOALIAS, ATTR_SCHEDULED
 
-from .int8_matmul import QRANGE, epilogue_bounds
+from .int8_matmul import QRANGE, epilogue_bounds, parallel_chunks, requantize
+from .int8_pack import activation_byte
 from .int8_vnni import LANES
 from .shuffles import IMPORT
 
 KERNEL = 3  # kernel height and width
 ROW_SLACK = 64  # bytes past a padded row that a 64-byte load may touch
-PARALLEL_CHUNKS = 8
 
 
 @functools.cache
@@ -56,6 +56,25 @@ def weight_words(weight: np.ndarray) -> np.ndarray:
 
 def output_size(size: int, stride: int, pad: tuple[int, int]) -> int:
     return (size + pad[0] + pad[1] - KERNEL) // stride + 1
+
+
+def geometry(hw, stride, pads):
+    """(Ho, Wo, padded plane rows, padded row length) of a 3x3 layer: the padded row holds
+    every 64-byte load of its output vectors, in whole 64-byte vectors (a 176-lane vector
+    store was split into byte inserts: 188 vs 8 us for 32 x 112 x 112)."""
+    h, w = hw
+    ho = output_size(h, stride, (pads[0], pads[2]))
+    wo = output_size(w, stride, (pads[1], pads[3]))
+    vectors = -(-wo // LANES)
+    rows = max(h + pads[0] + pads[2], (ho - 1) * stride + KERNEL)
+    row_len = -(-(stride * LANES * vectors + ROW_SLACK) // 64) * 64
+    return ho, wo, rows, row_len
+
+
+def kernel_row_lanes(stride: int, row):
+    """The `vpdpbusd` operand of 16 output pixels under one kernel row, from the 64-byte
+    value `row` of a padded input row (:func:`llvm_ir`'s permute)."""
+    return T.call_extern("uint8x64", f"tvm_sparse_dw_lanes{stride}", row)
 
 
 def depthwise3x3(
@@ -92,40 +111,21 @@ def depthwise3x3(
     if stride not in (1, 2):
         raise ValueError(f"depthwise stride {stride}: 1 or 2 supported")
     h, w = hw
-    top, left, bottom, right = pads
-    ho, wo = output_size(h, stride, (top, bottom)), output_size(w, stride, (left, right))
+    top, left = pads[0], pads[1]
+    ho, wo, plane_rows, row_len = geometry(hw, stride, pads)
     vectors = -(-wo // LANES)
-    # padded row, every load in bounds; whole 64-byte vectors (a 176-lane vector store was
-    # split into byte inserts: 188 vs 8 us for 32 x 112 x 112)
-    row_len = -(-(stride * LANES * vectors + ROW_SLACK) // 64) * 64
     w16, w16_ceil = w // LANES, -(-w // LANES)
     last_row = channels * h - 1  # the tensor's last row: no reading past it
-    plane_rows = max(h + top + bottom, (ho - 1) * stride + KERNEL)
     zp_in = x_zp + (128 if x_dtype == "int8" else 0)
     lo, hi = epilogue_bounds(out_dtype, zp, relu)
-    flip = 128 if x_dtype == "int8" else 0
-    per_chunk = -(-channels // min(PARALLEL_CHUNKS, channels))
-    chunks = -(-channels // per_chunk)
+    chunks, per_chunk = parallel_chunks(channels)
     full = wo // LANES  # output vectors with 16 valid pixels
 
     def requant(acc, bias_c, scale_c):
-        real = tirx.Cast("float32x16", acc + tirx.Broadcast(bias_c, LANES)) * tirx.Broadcast(
-            scale_c, LANES
-        )
-        clamped = tirx.max(
-            tirx.min(tirx.nearbyint(real), tirx.Broadcast(tirx.const(hi, "float32"), LANES)),
-            tirx.Broadcast(tirx.const(lo, "float32"), LANES),
-        )
-        return tirx.Cast(
-            f"{out_dtype}x16", clamped + tirx.Broadcast(tirx.const(float(zp), "float32"), LANES)
-        )
+        return requantize(acc, bias_c, scale_c, lo, hi, zp, out_dtype, lanes=LANES)
 
     def lanes(plane, row, ox0):
-        return T.call_extern(
-            "uint8x64",
-            f"tvm_sparse_dw_lanes{stride}",
-            plane.vload([row, stride * ox0], "uint8x64"),
-        )
+        return kernel_row_lanes(stride, plane.vload([row, stride * ox0], "uint8x64"))
 
     def dot(acc, a, word):
         return T.call_llvm_pure_intrin(
@@ -137,15 +137,10 @@ def depthwise3x3(
         )
 
     def load_flat(xf, i):
-        v = xf[i]
-        if flip:
-            return T.Cast("uint8", T.Cast("int32", v) + flip)
-        return v
+        return activation_byte(xf[i], x_dtype, None)
 
     def load_x(X, c, iy, ix):
-        if flip:
-            return T.Cast("uint8", T.Cast("int32", X[0, c, iy, ix]) + flip)
-        return X[0, c, iy, ix]
+        return activation_byte(X[0, c, iy, ix], x_dtype, None)
 
     @T.prim_func(s_tir=True)
     def kernel(

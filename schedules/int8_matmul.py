@@ -133,6 +133,27 @@ def epilogue_bounds(out_dtype: str, zp: int, relu: bool) -> tuple[float, float]:
     return float(lo - zp), float(hi - zp)
 
 
+def requantize(acc, bias, scale, lo, hi, zp, out_dtype, dequantize=None, lanes=1):
+    """The epilogue of every int8 kernel, on an int32 accumulator (a scalar, or `lanes` lanes
+    with scalar `bias` and `scale`): ``clamp(rint(float32(acc + bias) * scale), lo, hi)``
+    (`epilogue_bounds`) plus the zero point as `out_dtype`, or, with `dequantize`, that
+    value's DequantizeLinear ``clamped * dequantize`` in float32."""
+
+    def const(value, dtype="float32"):
+        value = tirx.const(value, dtype)
+        return value if lanes == 1 else tirx.Broadcast(value, lanes)
+
+    def wide(value):
+        return value if lanes == 1 else tirx.Broadcast(value, lanes)
+
+    suffix = "" if lanes == 1 else f"x{lanes}"
+    real = tirx.Cast(f"float32{suffix}", acc + wide(bias)) * wide(scale)
+    clamped = tirx.max(tirx.min(tirx.nearbyint(real), const(hi)), const(lo))
+    if dequantize is not None:
+        return clamped * const(dequantize)
+    return tirx.Cast(f"{out_dtype}{suffix}", clamped + const(float(zp)))
+
+
 def int8_wx(
     n: int,
     kg: int,
@@ -192,11 +213,7 @@ def int8_wx(
     staged = rows_out is not None and n % STAGE_ROWS == 0 and STAGE_ROWS % r == 0
 
     def q(acc_v, bias_v, scale_v):
-        real = tirx.Cast("float32", acc_v + bias_v) * scale_v
-        clamped = tirx.max(tirx.min(tirx.nearbyint(real), tirx.const(hi, "float32")), lo)
-        if dequantize is not None:
-            return clamped * tirx.const(dequantize, "float32")
-        return tirx.Cast(out_dtype, clamped + tirx.const(float(zp), "float32"))
+        return requantize(acc_v, bias_v, scale_v, lo, hi, zp, out_dtype, dequantize)
 
     def column(j):
         # the output column of tile column j: column-quad kernels gather MatMul activations
@@ -208,7 +225,8 @@ def int8_wx(
         return word << tirx.Cast("uint32", pos * 8)
 
     @T.macro
-    def requant(acc, bias, scale, Y, vb, vp, g):
+    def requant(acc, bias, scale, Y, tile, vb, vp, g):
+        # one block row's accumulators, requantized: into Y, or (staged) into the output tile
         if conv_hw is not None:  # Y is [1, n, H, W]: write it through a flat [n, H*W] view
             flat = T.decl_buffer((n, p_valid), y_dtype, data=Y.data)
             for i in T.unroll(r):
@@ -224,20 +242,20 @@ def int8_wx(
                                 flat[vb * r + i, vp * pv + v * 16 + j] = q(
                                     acc[0, i, v * 16 + j], bias[vb * r + i], scale[vb * r + i]
                                 )
-        elif staged and dequantize is not None:  # Y is the float32 stage [STAGE_ROWS, pv]
+        elif staged and dequantize is not None:  # the float32 tile [STAGE_ROWS, pv]
             for i in T.unroll(r):
                 for j in T.vectorized(pv):
-                    Y[g * r + i, j] = q(acc[0, i, j], bias[vb * r + i], scale[vb * r + i])
-        elif staged:  # Y is the word stage [STAGE_ROWS / 4, pv]: byte (row % 4) of word row / 4
+                    tile[g * r + i, j] = q(acc[0, i, j], bias[vb * r + i], scale[vb * r + i])
+        elif staged:  # the word tile [STAGE_ROWS / 4, pv]: byte (row % 4) of word row / 4
             for i in T.unroll(r):
                 if (g * r + i) % 4 == 0:
                     for j in T.vectorized(pv):
-                        Y[(g * r + i) // 4, j] = byte(
+                        tile[(g * r + i) // 4, j] = byte(
                             q(acc[0, i, j], bias[vb * r + i], scale[vb * r + i]), 0
                         )
                 else:
                     for j in T.vectorized(pv):
-                        Y[(g * r + i) // 4, j] = Y[(g * r + i) // 4, j] | byte(
+                        tile[(g * r + i) // 4, j] = tile[(g * r + i) // 4, j] | byte(
                             q(acc[0, i, j], bias[vb * r + i], scale[vb * r + i]), (g * r + i) % 4
                         )
         elif rows_out is None:
@@ -254,51 +272,58 @@ def int8_wx(
                             acc[0, i, j], bias[vb * r + i], scale[vb * r + i]
                         )
 
+    @T.macro
+    def zero(acc):
+        for i in T.unroll(r):
+            for j in T.vectorized(pv):
+                acc[0, i, j] = 0
+
     words = STAGE_ROWS // 4
 
     @T.macro
     def store(tile, Y, vs, vp, scratch):
-        # Column j of the tile is 16 consecutive output elements of row vp * pv + column(j) of
-        # Y, stored together (64x1024x1024 at 90 % 1x4: one element per store down the
-        # columns of Y, rows N bytes apart in a few L1 sets, 62 us; this 19 us), the tile
-        # transposed 16 columns at a time in registers (`shuffles`).
-        for c16 in range(pv // LANES):
-            if dequantize is not None:  # float32 tile [16 rows, pv]: two halves of 8 columns
-                for half in range(2):
-                    if half == 0:
-                        scratch[0:128] = shuffles.transpose_tile(
-                            tile, STAGE_ROWS, LANES, "float32", c16 * LANES, 0, 2
-                        )
-                    else:
-                        scratch[0:128] = shuffles.transpose_tile(
-                            tile, STAGE_ROWS, LANES, "float32", c16 * LANES, 1, 2
-                        )
-                    for c in range(8):
-                        if column(c16 * LANES + half * 8 + c) < rows_out - vp * pv:
-                            for i in T.vectorized(STAGE_ROWS):
-                                Y[
-                                    vp * pv + column(c16 * LANES + half * 8 + c),
-                                    vs * STAGE_ROWS + i,
-                                ] = scratch[c * STAGE_ROWS + i]
-            else:  # word tile [4 words, pv]: 4 words (16 output bytes) per column
-                y32 = T.decl_buffer((rows_out, n // 4), "uint32", data=Y.data)
-                words_t = T.decl_buffer((LANES * words,), "uint32", data=scratch.data)
-                words_t[0 : LANES * words] = shuffles.transpose_tile(
-                    tile, words, LANES, "uint32", c16 * LANES
-                )
-                for c in range(LANES):
-                    if column(c16 * LANES + c) < rows_out - vp * pv:
-                        for w in T.vectorized(words):
-                            y32[vp * pv + column(c16 * LANES + c), vs * words + w] = words_t[
-                                c * words + w
-                            ]
+        if staged:  # (else requant wrote Y)
+            # Column j of the tile is 16 consecutive output elements of row vp * pv + column(j) of
+            # Y, stored together (64x1024x1024 at 90 % 1x4: one element per store down the
+            # columns of Y, rows N bytes apart in a few L1 sets, 62 us; this 19 us), the tile
+            # transposed 16 columns at a time in registers (`shuffles`).
+            for c16 in range(pv // LANES):
+                if dequantize is not None:  # float32 tile [16 rows, pv]: two halves of 8 columns
+                    for half in range(2):
+                        if half == 0:
+                            scratch[0:128] = shuffles.transpose_tile(
+                                tile, STAGE_ROWS, LANES, "float32", c16 * LANES, 0, 2
+                            )
+                        else:
+                            scratch[0:128] = shuffles.transpose_tile(
+                                tile, STAGE_ROWS, LANES, "float32", c16 * LANES, 1, 2
+                            )
+                        for c in range(8):
+                            if column(c16 * LANES + half * 8 + c) < rows_out - vp * pv:
+                                for i in T.vectorized(STAGE_ROWS):
+                                    Y[
+                                        vp * pv + column(c16 * LANES + half * 8 + c),
+                                        vs * STAGE_ROWS + i,
+                                    ] = scratch[c * STAGE_ROWS + i]
+                else:  # word tile [4 words, pv]: 4 words (16 output bytes) per column
+                    y32 = T.decl_buffer((rows_out, n // 4), "uint32", data=Y.data)
+                    words_t = T.decl_buffer((LANES * words,), "uint32", data=scratch.data)
+                    words_t[0 : LANES * words] = shuffles.transpose_tile(
+                        tile, words, LANES, "uint32", c16 * LANES
+                    )
+                    for c in range(LANES):
+                        if column(c16 * LANES + c) < rows_out - vp * pv:
+                            for w in T.vectorized(words):
+                                y32[vp * pv + column(c16 * LANES + c), vs * words + w] = words_t[
+                                    c * words + w
+                                ]
 
     g_rows = STAGE_ROWS // r if staged else 1
     if dequantize is not None:
         stage = ((STAGE_ROWS, pv), "float32")
     else:
         stage = ((words, pv), "uint32")
-    args = (n, kg, p, r, mv, pv, nb, y_shape, y_dtype, requant, g_rows, store if staged else None)
+    args = (n, kg, p, r, mv, pv, nb, y_shape, y_dtype, zero, requant, g_rows, store)
     helpers = shuffles.llvm_ir(words, LANES, "uint32") + shuffles.llvm_ir(
         STAGE_ROWS, LANES, "float32", 2
     )
@@ -312,7 +337,7 @@ def int8_wx(
     return _attrs(_tensorize(func), variant.name)
 
 
-def _chunks(stages: int) -> tuple[int, int]:
+def parallel_chunks(stages: int) -> tuple[int, int]:
     """(parallel chunks, stages per chunk, the last chunk possibly short): `PARALLEL_CHUNKS`
     chunks at most. The scratch buffers (accumulators, output tile: 1 KB each) are allocated
     once per chunk: TVM's StorageRewrite drops their stack annotation, so each allocation is a
@@ -323,11 +348,12 @@ def _chunks(stages: int) -> tuple[int, int]:
 
 
 def _dense_kernel(
-    n, kg, p, r, mv, pv, nb, y_shape, out_dtype, requant, g_rows, store, stage, helpers
+    n, kg, p, r, mv, pv, nb, y_shape, out_dtype, zero, requant, g_rows, store, stage, helpers
 ):
-    """`g_rows` block rows per tile; `store` (staged output) or None (requant writes Y)."""
+    """`g_rows` block rows per tile, each requantized by `requant` (into Y or the output tile,
+    which `store` then writes out)."""
     y_all = tuple(slice(0, d) for d in y_shape)
-    chunks, per_chunk = _chunks(nb // g_rows)
+    chunks, per_chunk = parallel_chunks(nb // g_rows)
 
     @T.prim_func(s_tir=True)
     def kernel(
@@ -355,9 +381,7 @@ def _dense_kernel(
                         )
                         T.writes(Y[y_all])
                         for g in range(g_rows):
-                            for i in T.unroll(r):
-                                for j in T.vectorized(pv):
-                                    acc[0, i, j] = 0
+                            zero(acc)
                             for gk in range(kg):
                                 for i in T.unroll(r):
                                     for v in T.unroll(mv):
@@ -374,22 +398,18 @@ def _dense_kernel(
                                                 ) * T.cast(
                                                     data[vs * g_rows + vr, vg, vi, ve], "int32"
                                                 )
-                            if store is None:
-                                requant(acc, bias, scale, Y, vs * g_rows + g, vp, g)
-                            else:
-                                requant(acc, bias, scale, tile_buf, vs * g_rows + g, vp, g)
-                        if store is not None:
-                            store(tile_buf, Y, vs, vp, scratch)
+                            requant(acc, bias, scale, Y, tile_buf, vs * g_rows + g, vp, g)
+                        store(tile_buf, Y, vs, vp, scratch)
 
     return kernel
 
 
 def _bsr_kernel(
-    n, kg, p, r, mv, pv, nb, y_shape, out_dtype, requant, g_rows, store, stage, helpers, nnzb
+    n, kg, p, r, mv, pv, nb, y_shape, out_dtype, zero, requant, g_rows, store, stage, helpers, nnzb
 ):
     """As `_dense_kernel`, over the stored blocks of each block row (BSR)."""
     y_all = tuple(slice(0, d) for d in y_shape)
-    chunks, per_chunk = _chunks(nb // g_rows)
+    chunks, per_chunk = parallel_chunks(nb // g_rows)
 
     @T.prim_func(s_tir=True)
     def kernel(
@@ -421,9 +441,7 @@ def _bsr_kernel(
                         )
                         T.writes(Y[y_all])
                         for g in range(g_rows):
-                            for i in T.unroll(r):
-                                for j in T.vectorized(pv):
-                                    acc[0, i, j] = 0
+                            zero(acc)
                             for blk in range(indptr[vs * g_rows + g], indptr[vs * g_rows + g + 1]):
                                 col: T.let = indices[blk]
                                 for i in T.unroll(r):
@@ -439,25 +457,21 @@ def _bsr_kernel(
                                                 ] + T.cast(
                                                     Xp[col, vp * pv + vv * 16 + vl, ve], "int32"
                                                 ) * T.cast(data[vj, vi, ve], "int32")
-                            if store is None:
-                                requant(acc, bias, scale, Y, vs * g_rows + g, vp, g)
-                            else:
-                                requant(acc, bias, scale, tile_buf, vs * g_rows + g, vp, g)
-                        if store is not None:
-                            store(tile_buf, Y, vs, vp, scratch)
+                            requant(acc, bias, scale, Y, tile_buf, vs * g_rows + g, vp, g)
+                        store(tile_buf, Y, vs, vp, scratch)
 
     return kernel
 
 
 def _quad_kernel(
-    n, kg, p, r, mv, pv, nb, y_shape, out_dtype, requant, g_rows, store, stage, helpers, nnzb
+    n, kg, p, r, mv, pv, nb, y_shape, out_dtype, zero, requant, g_rows, store, stage, helpers, nnzb
 ):
     """As `_bsr_kernel`, for blocks of `r` rows x 4 arbitrary columns (`ColumnQuads`): the
     activation is K-major bytes ``Xk[K, P]``, each 64-column window in `int8_quad`'s stored
     order, and each block's 4 rows are gathered into VNNI order in registers."""
     y_all = tuple(slice(0, d) for d in y_shape)
     k = kg * GROUP
-    chunks, per_chunk = _chunks(nb // g_rows)
+    chunks, per_chunk = parallel_chunks(nb // g_rows)
 
     @T.prim_func(s_tir=True)
     def kernel(
@@ -501,9 +515,7 @@ def _quad_kernel(
                             )
                             T.writes(Y[y_all])
                             for g in range(g_rows):
-                                for i in T.unroll(r):
-                                    for j in T.vectorized(pv):
-                                        acc[0, i, j] = 0
+                                zero(acc)
                                 for blk in range(
                                     indptr[vs * g_rows + g], indptr[vs * g_rows + g + 1]
                                 ):
@@ -523,11 +535,7 @@ def _quad_kernel(
                                                     ] + T.cast(
                                                         quad[vv * 16 + vl, ve], "int32"
                                                     ) * T.cast(data[vj, vi, ve], "int32")
-                                if store is None:
-                                    requant(acc, bias, scale, Y, vs * g_rows + g, vp, g)
-                                else:
-                                    requant(acc, bias, scale, tile_buf, vs * g_rows + g, vp, g)
-                            if store is not None:
-                                store(tile_buf, Y, vs, vp, scratch)
+                                requant(acc, bias, scale, Y, tile_buf, vs * g_rows + g, vp, g)
+                            store(tile_buf, Y, vs, vp, scratch)
 
     return kernel

@@ -282,7 +282,7 @@ def dequantize_flat(shape: tuple[int, ...], dtype: str, scale: float, zp: int) -
 # (the MatMul kernels map the columns back when they store their row-major output).
 
 
-def _byte(x, dtype: str, quantize: tuple[float, int] | None):
+def activation_byte(x, dtype: str, quantize: tuple[float, int] | None):
     """The uint8 a kernel reads for activation value `x` (quantized, or int8 shifted by +128)."""
     if quantize:
         return tirx.Cast("uint8", quantize_value(x, quantize[0], quantize[1], dtype))
@@ -332,12 +332,12 @@ def bytes_kmajor(
                     if c < k:
                         for win in range(full):
                             for j in T.vectorized(w):
-                                tmp[j] = _byte(flat[c, win * w + j], dtype, quantize)
+                                tmp[j] = activation_byte(flat[c, win * w + j], dtype, quantize)
                             Xk[c, win * w : win * w + w] = iq.permute(tmp.vload([0], "uint8x64"))
                         for s in range(pp - full * w):
                             Xk[c, full * w + s] = T.uint8(0)
                             if full * w + iq.stored_column(s) < p:
-                                Xk[c, full * w + s] = _byte(
+                                Xk[c, full * w + s] = activation_byte(
                                     flat[c, full * w + iq.stored_column(s)], dtype, quantize
                                 )
                     else:
@@ -379,7 +379,7 @@ def bytes_rowmajor(
                         for r in range(rows):
                             if (t // kt) * rows + r < m:
                                 for j in T.vectorized(cols):
-                                    tile[r, j] = _byte(
+                                    tile[r, j] = activation_byte(
                                         X[(t // kt) * rows + r, (t % kt) * cols + j],
                                         dtype,
                                         quantize,
@@ -394,7 +394,7 @@ def bytes_rowmajor(
                 for c, i in T.grid(k4 - kt * cols, mp):  # reduction rows past the last full tile
                     Xk[kt * cols + c, i] = T.uint8(0)
                     if i < m and kt * cols + c < k:
-                        Xk[kt * cols + c, i] = _byte(X[i, kt * cols + c], dtype, quantize)
+                        Xk[kt * cols + c, i] = activation_byte(X[i, kt * cols + c], dtype, quantize)
                 for c, i in T.grid(kt * cols, mp - m16 * rows):  # padding columns
                     Xk[c, m16 * rows + i] = T.uint8(0)
 

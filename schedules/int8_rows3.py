@@ -18,7 +18,7 @@ from tvm.script import tirx as T
 from tvm_sparse._compat import ATTR_NOALIAS, ATTR_SCHEDULED
 
 from . import int8_depthwise as dw
-from .int8_pack import OPAQUE, quantize_value
+from .int8_pack import OPAQUE, activation_byte
 from .int8_vnni import GROUP, LANES
 from .shuffles import IMPORT
 
@@ -31,17 +31,6 @@ def _attrs(func: tirx.PrimFunc, name: str) -> tirx.PrimFunc:
     return func.with_attrs(
         {ATTR_NOALIAS: True, ATTR_SCHEDULED: True, "tvm_sparse.kernel": name, "op_pattern": OPAQUE}
     )
-
-
-def geometry(hw, stride, pads):
-    """(Ho, Wo, padded rows, padded row length) of a layer."""
-    h, w = hw
-    ho = dw.output_size(h, stride, (pads[0], pads[2]))
-    wo = dw.output_size(w, stride, (pads[1], pads[3]))
-    vectors = -(-wo // LANES)
-    rows = max(h + pads[0] + pads[2], (ho - 1) * stride + KERNEL)
-    row_len = -(-(stride * LANES * vectors + dw.ROW_SLACK) // 64) * 64
-    return ho, wo, rows, row_len
 
 
 def weight_matrix(weight: np.ndarray) -> np.ndarray:
@@ -64,17 +53,10 @@ def pad(
     """X [1, C, H, W] ((u)int8, or float32 quantized with ``quantize=(scale, zp)``) ->
     planes [C, rows, row_len] uint8 (int8 shifted by +128), the zero point around."""
     h, w = hw
-    _, _, rows, row_len = geometry(hw, stride, pads)
+    _, _, rows, row_len = dw.geometry(hw, stride, pads)
     top, left = pads[0], pads[1]
     zp_in = x_zp + (128 if x_dtype == "int8" else 0)
     src_dtype = "float32" if quantize else x_dtype
-
-    def byte(v):
-        if quantize:
-            return T.Cast("uint8", quantize_value(v, quantize[0], quantize[1], x_dtype))
-        if x_dtype == "int8":
-            return T.Cast("uint8", T.Cast("int32", v) + 128)
-        return v
 
     @T.prim_func(s_tir=True)
     def kernel(
@@ -91,12 +73,16 @@ def pad(
                 if top <= cr % rows and cr % rows < top + h:
                     for j16 in range(w // LANES):
                         for j in T.vectorized(LANES):
-                            P[cr // rows, cr % rows, left + j16 * LANES + j] = byte(
-                                X[0, cr // rows, cr % rows - top, j16 * LANES + j]
+                            P[cr // rows, cr % rows, left + j16 * LANES + j] = activation_byte(
+                                X[0, cr // rows, cr % rows - top, j16 * LANES + j],
+                                x_dtype,
+                                quantize,
                             )
                     for j in range(w % LANES):
-                        P[cr // rows, cr % rows, left + w // LANES * LANES + j] = byte(
-                            X[0, cr // rows, cr % rows - top, w // LANES * LANES + j]
+                        P[cr // rows, cr % rows, left + w // LANES * LANES + j] = activation_byte(
+                            X[0, cr // rows, cr % rows - top, w // LANES * LANES + j],
+                            x_dtype,
+                            quantize,
                         )
 
     return _attrs(kernel, f"rows3_pad_{'quantize_' if quantize else ''}{x_dtype}")
@@ -111,10 +97,17 @@ def lanes(
 ) -> tirx.PrimFunc:
     """planes [C, rows, row_len] -> Xp [3 C, columns, 4]: group (c, dy), output pixel p =
     oy Wo + ox: ``[x[oy s + dy, ox s + 0..2], 0]`` (padding columns past Ho Wo zero)."""
-    ho, wo, rows, row_len = geometry(hw, stride, pads)
+    ho, wo, rows, row_len = dw.geometry(hw, stride, pads)
     vectors, full = -(-wo // LANES), wo // LANES
     groups = channels * KERNEL
     p = ho * wo
+
+    def permute(P, go, v):
+        # lanes of group go // ho = (c, dy) for output row go % ho, pixels 16 v ..
+        c, dy, oy = go // ho // KERNEL, go // ho % KERNEL, go % ho
+        return dw.kernel_row_lanes(
+            stride, P.vload([c, oy * stride + dy, stride * v * LANES], "uint8x64")
+        )
 
     @T.prim_func(s_tir=True)
     def kernel(
@@ -129,6 +122,7 @@ def lanes(
                 for go in T.parallel(groups * ho):
                     tail = T.alloc_buffer((LANES * GROUP,), "uint8")
                     for v in range(vectors):
+                        row: T.let = permute(P, go, v)
                         if v < full:
                             flat[
                                 go // ho,
@@ -136,31 +130,9 @@ def lanes(
                                     (go % ho) * wo + v * LANES + LANES
                                 )
                                 * GROUP,
-                            ] = T.call_extern(
-                                "uint8x64",
-                                f"tvm_sparse_dw_lanes{stride}",
-                                P.vload(
-                                    [
-                                        go // ho // KERNEL,
-                                        (go % ho) * stride + go // ho % KERNEL,
-                                        stride * v * LANES,
-                                    ],
-                                    "uint8x64",
-                                ),
-                            )
+                            ] = row
                         else:
-                            tail[0 : LANES * GROUP] = T.call_extern(
-                                "uint8x64",
-                                f"tvm_sparse_dw_lanes{stride}",
-                                P.vload(
-                                    [
-                                        go // ho // KERNEL,
-                                        (go % ho) * stride + go // ho % KERNEL,
-                                        stride * v * LANES,
-                                    ],
-                                    "uint8x64",
-                                ),
-                            )
+                            tail[0 : LANES * GROUP] = row
                             for j in range((wo - full * LANES) * GROUP):
                                 flat[go // ho, ((go % ho) * wo + full * LANES) * GROUP + j] = tail[
                                     j

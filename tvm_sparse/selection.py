@@ -17,7 +17,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .formats import to_bsr
+from .formats import to_bsr, to_column_quads
 from .passes.collect_sparse_layers import MatmulLayer
 from .schedules import bsr_matmul, bsr_matmul_rowmajor
 from .sparsity import element_sparsity, zero_block_fraction
@@ -446,10 +446,8 @@ def quad_zero_fraction(w: np.ndarray, rows: int) -> float:
     """1 - (column quads of `w` / all R x 4 blocks): the `ColumnQuads` analogue of a
     zero-block fraction."""
     n, k = w.shape
-    nonzero_cols = (w != 0).reshape(n // rows, rows, k).any(axis=1).sum(axis=1)
-    quads = int((-(-nonzero_cols // 4)).sum())
     total = (n // rows) * (-(-k // 4))
-    return 1.0 - quads / total if total else 0.0
+    return 1.0 - to_column_quads(w, rows).nnzb / total if total else 0.0
 
 
 def _int8_module(layer, variant) -> tvm.IRModule:

@@ -41,7 +41,7 @@ def reference(x, weight, stride, pads, x_zp, bias, scale, zp):
 def run(x, weight, stride, pads, x_dtype, x_zp, bias, scale, zp, quantize=None):
     """pad -> lanes -> dense int8 kernel (NCHW output), as RewriteQuantized emits them."""
     c, hw = x.shape[1], x.shape[2:]
-    ho, wo, rows, row_len = int8_rows3.geometry(hw, stride, pads)
+    ho, wo, rows, row_len = dw.geometry(hw, stride, pads)
     pp = int8_matmul.padded_columns(ho * wo)
     matrix = int8_rows3.weight_matrix(weight)
     layer = QuantLayer("t", "rows3", matrix, ho * wo, x_dtype, x_zp, bias, scale, "uint8", zp, True)
