@@ -51,6 +51,11 @@ def check(c, hw, stride, pads, x_dtype="uint8", out_dtype="uint8", relu=True, se
         (128, (28, 28), 2, (1, 1, 1, 1)),
         (16, (14, 14), 1, (1, 1, 1, 1)),
         (8, (7, 7), 1, (1, 1, 1, 1)),
+        # several channels per parallel chunk: a row's vector runs on into the rows after it
+        # (two of them for 7-pixel rows), never into the next chunk
+        (512, (14, 14), 2, (0, 0, 1, 1)),
+        (40, (7, 7), 1, (1, 1, 1, 1)),
+        (24, (5, 3), 1, (1, 0, 1, 0)),
         (3, (33, 40), 2, (1, 1, 1, 1)),  # widths that leave a partial vector
         (5, (9, 20), 1, (0, 0, 0, 0)),
     ],
@@ -68,7 +73,7 @@ def test_signed_activations_and_outputs(x_dtype, out_dtype):
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    c=st.integers(1, 12),
+    c=st.integers(1, 40),
     h=st.integers(3, 24),
     w=st.integers(3, 40),
     stride=st.sampled_from([1, 2]),
