@@ -1,14 +1,16 @@
 """int8 depthwise 3x3 convolution with AVX512-VNNI: NCHW (u)int8 in, requantized (u)int8 out.
 
 Per channel c and output row, 16 output pixels at a time: each of the 3 kernel rows
-contributes one ``vpdpbusd`` whose lane l holds the 3 input bytes under the kernel row,
-``[x[s l], x[s l + 1], x[s l + 2], 0]`` (s the stride), times the broadcast weight word
-``[w0, w1, w2, 0]``. The lanes are built from one 64-byte load of a padded copy of the input
-row by a byte permute (`llvm_ir`, an LLVM IR helper: ``vpermb`` with zero masking). The padded
-rows hold the activation zero point at the borders, so padding contributes exactly what the
-zero-point correction in the bias (``-x_zp * sum(w)``) expects.
+contributes one ``vpdpbusd`` whose lane l holds the input bytes under the kernel row,
+``[x[s l], x[s l + 1], x[s l + 2], x[s l + 3]]`` (s the stride), times the broadcast weight
+word ``[w0, w1, w2, 0]``. The lanes are built from one 64-byte load of a padded copy of the
+input row by a byte permute (`llvm_ir`, an LLVM IR helper: ``vpermb``), once per input row
+for `ROWS` output rows. The padded rows hold the activation zero point at the borders, so
+padding contributes exactly what the zero-point correction in the bias (``-x_zp * sum(w)``)
+expects.
 
-The epilogue is `int8_matmul`'s: ``clamp(rint(float32(acc + bias[c]) * scale[c]) + zp)``,
+The epilogue is `int8_matmul`'s: ``clamp(rint(float32(acc + bias[c]) * scale[c]) + zp)``
+(the accumulator starts at the bias),
 ReLU as a clamp at the zero point. int8 activations are shifted into uint8 (+128, their zero
 point too) while the rows are copied.
 """
@@ -29,19 +31,20 @@ from .int8_vnni import LANES
 from .shuffles import IMPORT
 
 KERNEL = 3  # kernel height and width
+ROWS = 4  # output rows computed together (stride 1: 6 permutes for 4 vectors)
 ROW_SLACK = 64  # bytes past a padded row that a 64-byte load may touch
 
 
 @functools.cache
 def llvm_ir(stride: int) -> str:
     """``tvm_sparse_dw_lanes{stride}(<64 x i8> row) -> <64 x i8>``:
-    ``out[4 l + e] = row[stride l + e]`` for e < 3, 0 for e = 3."""
-    mask = ", ".join(
-        f"i32 {stride * lane + e if e < KERNEL else 64}" for lane in range(LANES) for e in range(4)
-    )
+    ``out[4 l + e] = row[stride l + e]``. Byte e = 3 meets the zero byte of the weight word:
+    not zeroing it keeps the permute single-source (``vpermb``; a zero source made it a
+    ``vpermt2b`` plus a register clear)."""
+    mask = ", ".join(f"i32 {stride * lane + e}" for lane in range(LANES) for e in range(4))
     return (
         f"define <64 x i8> @tvm_sparse_dw_lanes{stride}(<64 x i8> %row) {{\n"
-        f"  %out = shufflevector <64 x i8> %row, <64 x i8> zeroinitializer, <64 x i32> <{mask}>\n"
+        f"  %out = shufflevector <64 x i8> %row, <64 x i8> poison, <64 x i32> <{mask}>\n"
         "  ret <64 x i8> %out\n}\n"
     )
 
@@ -120,12 +123,13 @@ def depthwise3x3(
     lo, hi = epilogue_bounds(out_dtype, zp, relu)
     chunks, per_chunk = parallel_chunks(channels)
     full = wo // LANES  # output vectors with 16 valid pixels
+    span = stride * (ROWS - 1) + KERNEL  # input rows under ROWS output rows
 
-    def requant(acc, bias_c, scale_c):
-        return requantize(acc, bias_c, scale_c, lo, hi, zp, out_dtype, lanes=LANES)
+    def requant(acc, scale_c):  # the bias starts the accumulator
+        return requantize(acc, None, scale_c, lo, hi, zp, out_dtype, lanes=LANES)
 
-    def lanes(plane, row, ox0):
-        return kernel_row_lanes(stride, plane.vload([row, stride * ox0], "uint8x64"))
+    def lanes(plane, slot, row, ox0):
+        return kernel_row_lanes(stride, plane.vload([slot, row, stride * ox0], "uint8x64"))
 
     def dot(acc, a, word):
         return T.call_llvm_pure_intrin(
@@ -141,6 +145,58 @@ def depthwise3x3(
 
     def load_x(X, c, iy, ix):
         return activation_byte(X[0, c, iy, ix], x_dtype, None)
+
+    @T.macro
+    def fill(plane, xf, X, slot, c):
+        # channel c's rows into the plane's slot (the padding around them is left as it is)
+        for iy in range(h):
+            if w16 == w16_ceil or c * h + iy == last_row:
+                for j16 in range(w16):
+                    for j in T.vectorized(LANES):
+                        plane[slot, top + iy, left + j16 * LANES + j] = load_x(
+                            X, c, iy, j16 * LANES + j
+                        )
+                for j in range(w - w16 * LANES):
+                    plane[slot, top + iy, left + w16 * LANES + j] = load_x(
+                        X, c, iy, w16 * LANES + j
+                    )
+            else:
+                # whole 16-byte vectors, reading on into the next row (not
+                # past the tensor), then the zero point back over the excess
+                # (14 scalar byte copies per row of a 14x14 map were ~40 % of
+                # its layer)
+                for j16 in range(w16_ceil):
+                    for j in T.vectorized(LANES):
+                        plane[slot, top + iy, left + j16 * LANES + j] = load_flat(
+                            xf,
+                            (c * h + iy) * w + j16 * LANES + j,
+                        )
+                for j in T.vectorized(LANES):
+                    plane[slot, top + iy, left + w + j] = T.uint8(zp_in)
+
+    @T.macro
+    def emit(yf, tail, lanebuf, words, bias, scale, ch, c, oy, v, r0):
+        # output vector v of row oy from the lanes of its kernel rows at lanebuf[r0 + 0..2]
+        acc: T.let = dot(
+            dot(
+                dot(T.Broadcast(bias[c], LANES), lanebuf.vload([r0, 0], "uint8x64"), words[c, 0]),
+                lanebuf.vload([r0 + 1, 0], "uint8x64"),
+                words[c, 1],
+            ),
+            lanebuf.vload([r0 + 2, 0], "uint8x64"),
+            words[c, 2],
+        )
+        out: T.let = requant(acc, scale[c])
+        at: T.let = (c * ho + oy) * wo + v * LANES
+        if at + LANES <= T.min((ch + 1) * per_chunk, channels) * ho * wo:
+            # whole vectors: a row's last one runs on into the rows (or the channel) after
+            # it, written later by this thread (a byte at a time was ~1/3 of the 28x28 layers)
+            yf[at : at + LANES] = out
+        else:
+            # at the chunk's end: the next chunk is another thread's, and the tensor ends
+            tail[0:LANES] = out
+            for j in range(wo - full * LANES):
+                yf[at + j] = tail[j]
 
     @T.prim_func(s_tir=True)
     def kernel(
@@ -165,71 +221,70 @@ def depthwise3x3(
                     # the channel's input plane padded with the zero point, filled once per
                     # channel and read long after (filling the 3 rows under each output row
                     # just before the vector loads stalled store forwarding: 77 vs 12 us)
-                    plane = T.alloc_buffer((plane_rows, row_len), "uint8")
+                    plane = T.alloc_buffer((2, plane_rows, row_len), "uint8")
                     tail = T.alloc_buffer((LANES,), out_dtype)
+                    lanebuf = T.alloc_buffer((span, 64), "uint8", scope="local")
                     # the padding is the same for every channel and the row copies below
                     # leave it as it is: filled once per chunk
-                    for r in range(plane_rows):
+                    for slot, r in T.grid(2, plane_rows):
                         for j64 in range(row_len // 64):
                             for j in T.vectorized(64):
-                                plane[r, j64 * 64 + j] = T.uint8(zp_in)
+                                plane[slot, r, j64 * 64 + j] = T.uint8(zp_in)
+                    # two planes: the next channel's is filled before this one's is read, so
+                    # the vector loads do not wait on the row stores just made (alone,
+                    # 1024 x 7 x 7: 10.9 -> 6.7 us, 512 x 14 x 14: 8.7 -> 6.3 us)
+                    fill(plane, xf, X, 0, ch * per_chunk)
                     for cc in range(per_chunk):
                         if ch * per_chunk + cc < channels:
-                            for iy in range(h):
-                                if w16 == w16_ceil or (ch * per_chunk + cc) * h + iy == last_row:
-                                    for j16 in range(w16):
-                                        for j in T.vectorized(LANES):
-                                            plane[top + iy, left + j16 * LANES + j] = load_x(
-                                                X, ch * per_chunk + cc, iy, j16 * LANES + j
-                                            )
-                                    for j in range(w - w16 * LANES):
-                                        plane[top + iy, left + w16 * LANES + j] = load_x(
-                                            X, ch * per_chunk + cc, iy, w16 * LANES + j
-                                        )
-                                else:
-                                    # whole 16-byte vectors, reading on into the next row (not
-                                    # past the tensor), then the zero point back over the excess
-                                    # (14 scalar byte copies per row of a 14x14 map were ~40 % of
-                                    # its layer)
-                                    for j16 in range(w16_ceil):
-                                        for j in T.vectorized(LANES):
-                                            plane[top + iy, left + j16 * LANES + j] = load_flat(
-                                                xf,
-                                                ((ch * per_chunk + cc) * h + iy) * w
-                                                + j16 * LANES
-                                                + j,
-                                            )
-                                    for j in T.vectorized(LANES):
-                                        plane[top + iy, left + w + j] = T.uint8(zp_in)
-                            for oy, v in T.grid(ho, vectors):
-                                acc: T.let = dot(
-                                    dot(
-                                        dot(
-                                            T.Broadcast(T.int32(0), LANES),
-                                            lanes(plane, oy * stride, v * LANES),
-                                            words[ch * per_chunk + cc, 0],
-                                        ),
-                                        lanes(plane, oy * stride + 1, v * LANES),
-                                        words[ch * per_chunk + cc, 1],
-                                    ),
-                                    lanes(plane, oy * stride + 2, v * LANES),
-                                    words[ch * per_chunk + cc, 2],
+                            if cc + 1 < per_chunk and ch * per_chunk + cc + 1 < channels:
+                                fill(plane, xf, X, (cc + 1) % 2, ch * per_chunk + cc + 1)
+                            # ROWS output rows at a time share the permuted input rows
+                            # under them (stride 1: 6 permutes for 4 vectors, not 12); their
+                            # vectors last to first, so that a row's last vector, which runs
+                            # on into the next row, is stored before that row's first
+                            for og, vr in T.grid(ho // ROWS, vectors):
+                                for r in T.unroll(span):
+                                    lanebuf[r, 0:64] = lanes(
+                                        plane,
+                                        cc % 2,
+                                        og * ROWS * stride + r,
+                                        (vectors - 1 - vr) * LANES,
+                                    )
+                                for k in T.unroll(ROWS):
+                                    emit(
+                                        yf,
+                                        tail,
+                                        lanebuf,
+                                        words,
+                                        bias,
+                                        scale,
+                                        ch,
+                                        ch * per_chunk + cc,
+                                        og * ROWS + k,
+                                        vectors - 1 - vr,
+                                        k * stride,
+                                    )
+                            for oy, v in T.grid(ho % ROWS, vectors):
+                                for r in T.unroll(KERNEL):
+                                    lanebuf[r, 0:64] = lanes(
+                                        plane,
+                                        cc % 2,
+                                        (ho // ROWS * ROWS + oy) * stride + r,
+                                        v * LANES,
+                                    )
+                                emit(
+                                    yf,
+                                    tail,
+                                    lanebuf,
+                                    words,
+                                    bias,
+                                    scale,
+                                    ch,
+                                    ch * per_chunk + cc,
+                                    ho // ROWS * ROWS + oy,
+                                    v,
+                                    0,
                                 )
-                                out: T.let = requant(
-                                    acc, bias[ch * per_chunk + cc], scale[ch * per_chunk + cc]
-                                )
-                                at: T.let = ((ch * per_chunk + cc) * ho + oy) * wo + v * LANES
-                                if at + LANES <= T.min((ch + 1) * per_chunk, channels) * ho * wo:
-                                    # whole vectors: a row's last one runs on into the rows
-                                    # (or the channel) after it, written later by this thread
-                                    # (a byte at a time was ~1/3 of the 28x28 layers)
-                                    yf[at : at + LANES] = out
-                                else:
-                                    # at the chunk's end: the next chunk is another thread's,
-                                    # and the tensor ends
-                                    tail[0:LANES] = out
-                                    for j in range(wo - full * LANES):
-                                        yf[at + j] = tail[j]
 
     func = kernel.without_attr("global_symbol")
     return func.with_attrs(

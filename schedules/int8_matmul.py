@@ -135,9 +135,10 @@ def epilogue_bounds(out_dtype: str, zp: int, relu: bool) -> tuple[float, float]:
 
 def requantize(acc, bias, scale, lo, hi, zp, out_dtype, dequantize=None, lanes=1):
     """The epilogue of every int8 kernel, on an int32 accumulator (a scalar, or `lanes` lanes
-    with scalar `bias` and `scale`): ``clamp(rint(float32(acc + bias) * scale), lo, hi)``
-    (`epilogue_bounds`) plus the zero point as `out_dtype`, or, with `dequantize`, that
-    value's DequantizeLinear ``clamped * dequantize`` in float32."""
+    with scalar `bias` and `scale`; `bias` None: already in the accumulator):
+    ``clamp(rint(float32(acc + bias) * scale), lo, hi)`` (`epilogue_bounds`) plus the zero
+    point as `out_dtype`, or, with `dequantize`, that value's DequantizeLinear
+    ``clamped * dequantize`` in float32."""
 
     def const(value, dtype="float32"):
         value = tirx.const(value, dtype)
@@ -147,11 +148,17 @@ def requantize(acc, bias, scale, lo, hi, zp, out_dtype, dequantize=None, lanes=1
         return value if lanes == 1 else tirx.Broadcast(value, lanes)
 
     suffix = "" if lanes == 1 else f"x{lanes}"
-    real = tirx.Cast(f"float32{suffix}", acc + wide(bias)) * wide(scale)
-    clamped = tirx.max(tirx.min(tirx.nearbyint(real), const(hi)), const(lo))
+    if bias is not None:
+        acc = acc + wide(bias)
+    real = tirx.Cast(f"float32{suffix}", acc) * wide(scale)
     if dequantize is not None:
+        clamped = tirx.max(tirx.min(tirx.nearbyint(real), const(hi)), const(lo))
         return clamped * const(dequantize)
-    return tirx.Cast(f"{out_dtype}{suffix}", clamped + const(float(zp)))
+    # the bounds are integers, so clamping before rounding gives the same value; then one
+    # rounding conversion (lrint: vcvtps2dq, half to even) instead of a round and a truncation
+    clamped = tirx.max(tirx.min(real, const(hi)), const(lo))
+    rounded = tirx.call_llvm_pure_intrin(f"int32{suffix}", "llvm.lrint", clamped)
+    return tirx.Cast(f"{out_dtype}{suffix}", rounded + const(zp, "int32"))
 
 
 def int8_wx(
