@@ -19,7 +19,7 @@ from . import int8_quad as iq
 from . import shuffles
 from . import tile_transpose as tt
 from .common import ON_STACK
-from .int8_matmul import QRANGE
+from .int8_matmul import QRANGE, parallel_chunks
 from .int8_vnni import GROUP, LANES
 
 _SIGN_FLIP = -2139062144  # 0x80808080 as int32
@@ -156,6 +156,7 @@ def quantize_rowmajor(
     g16 = kg // tt.TILE  # full tiles of 16 words along K
     m16 = -(-m // tt.TILE)
     span = tt.TILE * GROUP  # floats of one row per tile
+    chunks, per_chunk = parallel_chunks(max(m16 * g16, 1))
 
     def word(X, i, g):
         value = quantize_value(X[i, g * 4], scale, zp, dtype)
@@ -165,34 +166,41 @@ def quantize_rowmajor(
             )
         return value
 
+    @T.macro
+    def tile_body(X, words, tile, tile_bytes, t):
+        for r in range(tt.TILE):
+            if (t % m16) * tt.TILE + r < m:
+                for j in T.vectorized(span):
+                    tile_bytes[r * span + j] = T.Cast(
+                        "uint8",
+                        quantize_value(
+                            X[(t % m16) * tt.TILE + r, (t // m16) * span + j],
+                            scale,
+                            zp,
+                            dtype,
+                        ),
+                    )
+            else:
+                for j in T.vectorized(tt.TILE):
+                    tile[r * tt.TILE + j] = 0
+        for w, i in T.grid(tt.TILE, tt.TILE):
+            words[((t // m16) * tt.TILE + w) * mp + (t % m16) * tt.TILE + i] = tile[i * tt.TILE + w]
+
     @T.prim_func(s_tir=True)
     def kernel(X: T.Buffer((m, k), "float32"), Xp: T.Buffer((kg, mp, 4), "uint8")):
         with T.sblock("root"):
             T.reads(X[0:m, 0:k])
             T.writes(Xp[0:kg, 0:mp, 0:4])
             words = T.decl_buffer((kg * mp,), "int32", data=Xp.data)
-            for t in T.parallel(m16 * g16):
+            for ch in T.parallel(chunks):
+                # the tile once per chunk, not per tile (each was a workspace call); the
+                # 16-row blocks of one K tile are consecutive tiles (whole cache lines of
+                # Xp per thread)
                 tile = T.alloc_buffer((tt.TILE * tt.TILE,), "int32", annotations=ON_STACK)
                 tile_bytes = T.decl_buffer((tt.TILE * span,), "uint8", data=tile.data)
-                for r in range(tt.TILE):
-                    if (t // g16) * tt.TILE + r < m:
-                        for j in T.vectorized(span):
-                            tile_bytes[r * span + j] = T.Cast(
-                                "uint8",
-                                quantize_value(
-                                    X[(t // g16) * tt.TILE + r, (t % g16) * span + j],
-                                    scale,
-                                    zp,
-                                    dtype,
-                                ),
-                            )
-                    else:
-                        for j in T.vectorized(tt.TILE):
-                            tile[r * tt.TILE + j] = 0
-                for w, i in T.grid(tt.TILE, tt.TILE):
-                    words[((t % g16) * tt.TILE + w) * mp + (t // g16) * tt.TILE + i] = tile[
-                        i * tt.TILE + w
-                    ]
+                for tc in range(per_chunk):
+                    if ch * per_chunk + tc < m16 * g16:
+                        tile_body(X, words, tile, tile_bytes, ch * per_chunk + tc)
             for g in range(g16 * tt.TILE, kg):  # words past the last full tile
                 for i in range(mp):
                     words[g * mp + i] = 0
@@ -364,7 +372,26 @@ def bytes_rowmajor(
     mp, k4 = _byte_columns(m, columns), -(-k // GROUP) * GROUP
     rows, cols = BYTE_TILE
     m16, kt = -(-m // rows), k // cols
+    chunks, per_chunk = parallel_chunks(max(m16 * kt, 1))
     x_dtype = "float32" if quantize else dtype
+
+    @T.macro
+    def tile_body(X, Xk, tile, out, t):
+        for r in range(rows):
+            if (t % m16) * rows + r < m:
+                for j in T.vectorized(cols):
+                    tile[r, j] = activation_byte(
+                        X[(t % m16) * rows + r, (t // m16) * cols + j],
+                        dtype,
+                        quantize,
+                    )
+            else:
+                for j in T.vectorized(cols):
+                    tile[r, j] = T.uint8(0)
+        out[0 : rows * cols] = shuffles.transpose_tile(tile, rows, cols, "uint8", 0)
+        for c in range(cols):
+            for i in T.vectorized(rows):
+                Xk[(t // m16) * cols + c, (t % m16) * rows + i] = out[c * rows + i]
 
     @T.prim_func(s_tir=True)
     def kernel(X: T.Buffer((m, k), x_dtype), Xk: T.Buffer((k4, mp), "uint8")):
@@ -373,24 +400,16 @@ def bytes_rowmajor(
             T.writes(Xk[0:k4, 0:mp])
             with T.attr(0, shuffles.IMPORT, shuffles.llvm_ir(rows, cols, "uint8")):
                 if kt > 0:  # whole tiles
-                    for t in T.parallel(m16 * kt):
+                    for ch in T.parallel(chunks):
+                        # scratch once per chunk, not per tile (each was a workspace call); the
+                        # 16-row blocks of one reduction tile are consecutive tiles, so one
+                        # thread writes whole cache lines of Xk (2 threads sharing them made
+                        # the 64 x 1024 pack slower than 1 thread)
                         tile = T.alloc_buffer((rows, cols), "uint8", annotations=ON_STACK)
                         out = T.alloc_buffer((rows * cols,), "uint8", annotations=ON_STACK)
-                        for r in range(rows):
-                            if (t // kt) * rows + r < m:
-                                for j in T.vectorized(cols):
-                                    tile[r, j] = activation_byte(
-                                        X[(t // kt) * rows + r, (t % kt) * cols + j],
-                                        dtype,
-                                        quantize,
-                                    )
-                            else:
-                                for j in T.vectorized(cols):
-                                    tile[r, j] = T.uint8(0)
-                        out[0 : rows * cols] = shuffles.transpose_tile(tile, rows, cols, "uint8", 0)
-                        for c in range(cols):
-                            for i in T.vectorized(rows):
-                                Xk[(t % kt) * cols + c, (t // kt) * rows + i] = out[c * rows + i]
+                        for tc in range(per_chunk):
+                            if ch * per_chunk + tc < m16 * kt:
+                                tile_body(X, Xk, tile, out, ch * per_chunk + tc)
                 for c, i in T.grid(k4 - kt * cols, mp):  # reduction rows past the last full tile
                     Xk[kt * cols + c, i] = T.uint8(0)
                     if i < m and kt * cols + c < k:
