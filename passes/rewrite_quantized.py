@@ -452,7 +452,7 @@ def emit_int8(
     writes its float32 value."""
     n, k = layer.shape
     p = layer.columns
-    pp = int8_matmul.padded_columns(p, variant)
+    pp = int8_matmul.padded_columns(p, variant, conv=layer.kind != "matmul")
     tag = layer.key.split(":")[1][:8]
     operand = x_q if quantized_from is None else quantized_from[0]
     quant = None if quantized_from is None else quantized_from[1:]

@@ -35,6 +35,7 @@ from .int8_vnni import GROUP, LANES
 ACCUMULATOR_BYTES = 1024  # "global" scratch up to this size is promoted to registers
 QRANGE = {"uint8": (0, 255), "int8": (-128, 127)}
 PARALLEL_CHUNKS = 8  # parallel loop iterations of a kernel (TVM splits them among threads)
+WIDE_COLUMNS = 1024  # 1 x 4 BSR tiles of 8 vectors up to this many activation columns
 STAGE_ROWS = 16  # row-major (MatMul) output: output rows requantized into a tile per store
 
 
@@ -63,23 +64,33 @@ VARIANTS: tuple[Int8Variant, ...] = (
 )
 
 
-def vectors_per_tile(rows: int, p: int) -> int:
-    """16-column vectors per register tile: rows x vectors int32x16 within the budget."""
+def vectors_per_tile(rows: int, p: int, conv: bool = False) -> int:
+    """16-column vectors per register tile: rows x vectors int32x16 within the budget (8 for
+    single-row blocks of convs over at most `WIDE_COLUMNS` columns, see `padded_columns`)."""
     budget = ACCUMULATOR_BYTES // (4 * LANES * rows)
-    for v in (4, 3, 2, 1):
+    wide = (8,) if conv and p <= WIDE_COLUMNS else ()
+    for v in (*wide, 4, 3, 2, 1):
         if v <= budget and (p // LANES) % v == 0:
             return v
     return 1
 
 
-def padded_columns(p: int, variant: Int8Variant | None = None) -> int:
+def padded_columns(p: int, variant: Int8Variant | None = None, conv: bool = False) -> int:
     """Activation columns after padding: whole 16-lane vectors, rounded up to a multiple of 4
     (or 2) vectors when that wastes at most 1/8: a tile of one vector leaves too few
     independent accumulators (e.g. 14x14 maps, 13 vectors: 112 -> 59 us for 512x512).
-    Column-quad kernels work on whole 64-column windows."""
+    Column-quad kernels work on whole 64-column windows; 1 x 4 BSR convs (`conv`) on small maps
+    on 8-vector tiles."""
     if variant is not None and variant.gather:
         return -(-p // int8_quad.WINDOW) * int8_quad.WINDOW
     vecs = -(-p // LANES)
+    if conv and variant is not None and variant.sparse and variant.rows == 1:
+        # 1 x 4 blocks on small maps: tiles of 8 vectors (one index and weight load per 8
+        # `vpdpbusd`), worth up to 1/4 padding: 512 x 512 at 14 x 14 and 90 %, p = 256
+        # columns, 17.6 us with 4-vector tiles, 15.8 us with 8 (p = 224, 2 vectors: 20 us)
+        wide = -(-vecs // 8) * 8
+        if wide * LANES <= WIDE_COLUMNS and (wide - vecs) * 4 <= vecs:
+            return wide * LANES
     for tile in (4, 2):
         full = -(-vecs // tile) * tile
         if (full - vecs) * 8 <= vecs:
@@ -204,7 +215,7 @@ def int8_wx(
     PrimFunc
         Arguments ``(Xp, data[, indices, indptr], bias, scale, Y)``, VNNI-tensorized.
     """
-    r, mv = variant.rows, vectors_per_tile(variant.rows, p)
+    r, mv = variant.rows, vectors_per_tile(variant.rows, p, conv=rows_out is None)
     if variant.gather:
         if p % int8_quad.WINDOW or r * int8_quad.WINDOW * 4 > ACCUMULATOR_BYTES:
             raise ValueError(f"column quads need {int8_quad.WINDOW}-column windows: p={p}, R={r}")

@@ -42,14 +42,14 @@ def pack(layer: QuantLayer, variant: Int8Variant, x: np.ndarray, row_major: bool
     if hw:
         x_in = x.reshape(1, k, *hw)
     if variant.gather:
-        pp = int8_matmul.padded_columns(p, variant)
+        pp = int8_matmul.padded_columns(p, variant, conv=hw is not None)
         if row_major:
             func = int8_pack.bytes_rowmajor(p, k, layer.x_dtype, columns=pp)
         else:
             func = int8_pack.bytes_kmajor(k, p, layer.x_dtype, hw=hw, columns=pp)
         want = int8_matmul.pack_bytes(x, pp, permuted=not row_major)
     else:
-        pp = int8_matmul.padded_columns(p) if hw else -(-p // 16) * 16
+        pp = int8_matmul.padded_columns(p, variant, conv=True) if hw else -(-p // 16) * 16
         if row_major:
             func = int8_pack.from_rowmajor(p, k, layer.x_dtype, columns=pp)
         else:
@@ -196,12 +196,23 @@ def test_padded_columns():
     ]
     quads = Int8Variant(4, gather=True)
     assert [int8_matmul.padded_columns(p, quads) for p in (1, 64, 65, 3136)] == [64, 64, 128, 3136]
+    # 1 x 4 convs: 8-vector tiles on small maps (at most 1/4 padding, up to 1024 columns)
+    one = Int8Variant(1)
+    assert [int8_matmul.padded_columns(p, one, conv=True) for p in (49, 196, 784, 3136)] == [
+        64,
+        256,
+        896,
+        3136,
+    ]
+    assert int8_matmul.padded_columns(196, one) == 224  # MatMul forms keep 4-vector tiles
+    assert int8_matmul.vectors_per_tile(1, 256, conv=True) == 8
+    assert int8_matmul.vectors_per_tile(1, 256) == 4
 
 
 def test_tile_fits_the_register_budget():
     for variant in VARIANTS:
         for p in (16, 32, 64, 112, 12544):
-            v = int8_matmul.vectors_per_tile(variant.rows, p)
+            v = int8_matmul.vectors_per_tile(variant.rows, p, conv=True)
             assert (p // 16) % v == 0
             assert variant.rows * v * 16 * 4 <= int8_matmul.ACCUMULATOR_BYTES
 
