@@ -100,10 +100,11 @@ def from_kmajor(
                 for v in range(body // LANES):
                     for j in T.vectorized(LANES):
                         words[g, v * LANES + j] = word(flat, g, v * LANES + j)
-                for j in range(pp - body):
-                    words[g, body + j] = 0
-                    if body + j < p:
-                        words[g, body + j] = word(flat, g, body + j)
+                for j in range(p - body):
+                    words[g, body + j] = word(flat, g, body + j)
+                if pp > p:  # padding columns (a scalar loop of 112 words per group at 28 x 28)
+                    for j in T.vectorized(pp - p):
+                        words[g, p + j] = 0
 
     return _attrs(kernel, f"pack_kmajor_{'quantize_' if quantize else ''}{dtype}")
 
