@@ -198,6 +198,14 @@ def depthwise3x3(
             for j in range(wo - full * LANES):
                 yf[at + j] = tail[j]
 
+    @T.macro
+    def rows_at(yf, tail, lanebuf, plane, words, bias, scale, ch, c, slot, oy0, count, v):
+        # vector v of `count` output rows from oy0 on, over the permuted input rows under them
+        for r in T.unroll(stride * (count - 1) + KERNEL):
+            lanebuf[r, 0:64] = lanes(plane, slot, oy0 * stride + r, v * LANES)
+        for k in T.unroll(count):
+            emit(yf, tail, lanebuf, words, bias, scale, ch, c, oy0 + k, v, k * stride)
+
     @T.prim_func(s_tir=True)
     def kernel(
         X: T.Buffer((1, channels, h, w), x_dtype),
@@ -243,47 +251,36 @@ def depthwise3x3(
                             # vectors last to first, so that a row's last vector, which runs
                             # on into the next row, is stored before that row's first
                             for og, vr in T.grid(ho // ROWS, vectors):
-                                for r in T.unroll(span):
-                                    lanebuf[r, 0:64] = lanes(
-                                        plane,
-                                        cc % 2,
-                                        og * ROWS * stride + r,
-                                        (vectors - 1 - vr) * LANES,
-                                    )
-                                for k in T.unroll(ROWS):
-                                    emit(
-                                        yf,
-                                        tail,
-                                        lanebuf,
-                                        words,
-                                        bias,
-                                        scale,
-                                        ch,
-                                        ch * per_chunk + cc,
-                                        og * ROWS + k,
-                                        vectors - 1 - vr,
-                                        k * stride,
-                                    )
-                            for oy, v in T.grid(ho % ROWS, vectors):
-                                for r in T.unroll(KERNEL):
-                                    lanebuf[r, 0:64] = lanes(
-                                        plane,
-                                        cc % 2,
-                                        (ho // ROWS * ROWS + oy) * stride + r,
-                                        v * LANES,
-                                    )
-                                emit(
+                                rows_at(
                                     yf,
                                     tail,
                                     lanebuf,
+                                    plane,
                                     words,
                                     bias,
                                     scale,
                                     ch,
                                     ch * per_chunk + cc,
+                                    cc % 2,
+                                    og * ROWS,
+                                    ROWS,
+                                    vectors - 1 - vr,
+                                )
+                            for oy, v in T.grid(ho % ROWS, vectors):  # the rows left, one by one
+                                rows_at(
+                                    yf,
+                                    tail,
+                                    lanebuf,
+                                    plane,
+                                    words,
+                                    bias,
+                                    scale,
+                                    ch,
+                                    ch * per_chunk + cc,
+                                    cc % 2,
                                     ho // ROWS * ROWS + oy,
+                                    1,
                                     v,
-                                    0,
                                 )
 
     func = kernel.without_attr("global_symbol")
