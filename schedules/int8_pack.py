@@ -213,6 +213,32 @@ def quantize_rowmajor(
     return _attrs(kernel, f"pack_rowmajor_quantize_{dtype}")
 
 
+def _flat_map(shape: tuple[int, ...], src_dtype: str, dst_dtype: str, value, name: str):
+    """``dst[i] = value(src[i])`` over flat views of two tensors of `shape`: parallel 1024-element
+    vector chunks, then the rest."""
+    size = 1
+    for d in shape:
+        size *= int(d)
+    chunk = 1024
+    body = size // chunk * chunk
+    full = tuple(slice(0, d) for d in shape)
+
+    @T.prim_func(s_tir=True)
+    def kernel(X: T.Buffer(shape, src_dtype), Y: T.Buffer(shape, dst_dtype)):
+        with T.sblock("root"):
+            T.reads(X[full])
+            T.writes(Y[full])
+            x = T.decl_buffer((size,), src_dtype, data=X.data)
+            y = T.decl_buffer((size,), dst_dtype, data=Y.data)
+            for c in T.parallel(body // chunk):
+                for j in T.vectorized(chunk):
+                    y[c * chunk + j] = value(x[c * chunk + j])
+            for j in range(size - body):
+                y[body + j] = value(x[body + j])
+
+    return _attrs(kernel, name)
+
+
 def quantize_flat(
     shape: tuple[int, ...], dtype: str, scale: float, zp: int, shift: bool = False
 ) -> tirx.PrimFunc:
@@ -220,32 +246,13 @@ def quantize_flat(
     `quantize_value` computes it; with `shift`, int8 results come out +128 as uint8 (the form
     the integer kernels read). TVM's legalized quantize of a 4-D tensor costs ~250 us for a
     32x112x112 map (div/mod indexing); this flat loop a few us."""
-    size = 1
-    for d in shape:
-        size *= int(d)
-    chunk = 1024
-    body = size // chunk * chunk
-    full = tuple(slice(0, d) for d in shape)
     out_dtype = "uint8" if shift else dtype
     offset = 0 if shift or dtype == "uint8" else -128  # quantize_value adds 128 for int8
 
     def value(x):
         return tirx.Cast(out_dtype, quantize_value(x, scale, zp, dtype) + offset)
 
-    @T.prim_func(s_tir=True)
-    def kernel(X: T.Buffer(shape, "float32"), Q: T.Buffer(shape, out_dtype)):
-        with T.sblock("root"):
-            T.reads(X[full])
-            T.writes(Q[full])
-            x = T.decl_buffer((size,), "float32", data=X.data)
-            q = T.decl_buffer((size,), out_dtype, data=Q.data)
-            for c in T.parallel(body // chunk):
-                for j in T.vectorized(chunk):
-                    q[c * chunk + j] = value(x[c * chunk + j])
-            for j in range(size - body):
-                q[body + j] = value(x[body + j])
-
-    return _attrs(kernel, f"quantize_{dtype}")
+    return _flat_map(shape, "float32", out_dtype, value, f"quantize_{dtype}")
 
 
 def dequantize_flat(shape: tuple[int, ...], dtype: str, scale: float, zp: int) -> tirx.PrimFunc:
@@ -255,31 +262,11 @@ def dequantize_flat(shape: tuple[int, ...], dtype: str, scale: float, zp: int) -
     TVM's legalized dequantize indexes the 4-D NCHW tensor with div/mod the vectorizer
     cannot fold (~100 us for a 64x112x112 map), a flat loop does the same in a few us.
     """
-    size = 1
-    for d in shape:
-        size *= int(d)
-    chunk = 1024
-    body = size // chunk * chunk
-    full = tuple(slice(0, d) for d in shape)
 
-    @T.prim_func(s_tir=True)
-    def kernel(Q: T.Buffer(shape, dtype), Y: T.Buffer(shape, "float32")):
-        with T.sblock("root"):
-            T.reads(Q[full])
-            T.writes(Y[full])
-            q = T.decl_buffer((size,), dtype, data=Q.data)
-            y = T.decl_buffer((size,), "float32", data=Y.data)
-            for c in T.parallel(body // chunk):
-                for j in T.vectorized(chunk):
-                    y[c * chunk + j] = T.Cast(
-                        "float32", T.Cast("int32", q[c * chunk + j]) - zp
-                    ) * T.float32(scale)
-            for j in range(size - body):
-                y[body + j] = T.Cast("float32", T.Cast("int32", q[body + j]) - zp) * T.float32(
-                    scale
-                )
+    def value(q):
+        return tirx.Cast("float32", tirx.Cast("int32", q) - zp) * tirx.const(scale, "float32")
 
-    return _attrs(kernel, f"dequantize_{dtype}")
+    return _flat_map(shape, dtype, "float32", value, f"dequantize_{dtype}")
 
 
 # ------------------------------------------------- K-major bytes, for column-quad kernels
