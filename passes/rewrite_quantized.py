@@ -221,31 +221,28 @@ def match(q_call: relax.Call, bindings: dict) -> tuple[QuantLayer, relax.Expr] |
         return None
     x_shape = [int(d) for d in x_q.ty.shape.values]
     stride, pads = 1, (0, 0, 0, 0)
-    if conv and x_shape[0] == 1 and w_q.shape[1:] == (1, 3, 3) and _strided_conv(node, x_shape[1]):
-        if w_q.shape[0] != x_shape[1]:
+    if conv:
+        if x_shape[0] != 1:
             return None
-        weight, hw, kind = w_q.reshape(w_q.shape[0], 9), (x_shape[2], x_shape[3]), "depthwise"
-        stride, pads = int(node.attrs.strides[0]), tuple(int(v) for v in node.attrs.padding)
-        out_hw = [int(d) for d in node.ty.shape.values][2:]
-        columns = out_hw[0] * out_hw[1]
-        axis_ok = w_scale.size == 1 or w_dq[3] % 4 == 0
-    elif (
-        conv
-        and x_shape[0] == 1
-        and w_q.shape[1:] == (x_shape[1], 3, 3)
-        and x_shape[1] <= int8_rows3.MAX_CHANNELS
-        and _strided_conv(node, 1)  # one group: a full 3x3 conv over few channels (a stem)
-    ):
-        weight, hw, kind = int8_rows3.weight_matrix(w_q), (x_shape[2], x_shape[3]), "rows3"
-        stride, pads = int(node.attrs.strides[0]), tuple(int(v) for v in node.attrs.padding)
-        out_hw = [int(d) for d in node.ty.shape.values][2:]
-        columns = out_hw[0] * out_hw[1]
-        axis_ok = w_scale.size == 1 or w_dq[3] % 4 == 0
-    elif conv:
-        if not _pointwise(node) or w_q.shape[2:] != (1, 1) or x_shape[0] != 1:
+        if w_q.shape[1:] == (1, 3, 3) and _strided_conv(node, x_shape[1]):
+            if w_q.shape[0] != x_shape[1]:
+                return None
+            weight, kind = w_q.reshape(w_q.shape[0], 9), "depthwise"
+        elif (
+            w_q.shape[1:] == (x_shape[1], 3, 3)
+            and x_shape[1] <= int8_rows3.MAX_CHANNELS
+            and _strided_conv(node, 1)  # one group: a full 3x3 conv over few channels (a stem)
+        ):
+            weight, kind = int8_rows3.weight_matrix(w_q), "rows3"
+        elif _pointwise(node) and w_q.shape[2:] == (1, 1):
+            weight, kind = w_q[:, :, 0, 0], "conv1x1"
+        else:
             return None
-        weight, hw = w_q[:, :, 0, 0], (x_shape[2], x_shape[3])
-        columns, kind = hw[0] * hw[1], "conv1x1"
+        if kind != "conv1x1":
+            stride, pads = int(node.attrs.strides[0]), tuple(int(v) for v in node.attrs.padding)
+        hw = (x_shape[2], x_shape[3])
+        out_h, out_w = [int(d) for d in node.ty.shape.values][2:]
+        columns = out_h * out_w
         axis_ok = w_scale.size == 1 or w_dq[3] % 4 == 0
     else:
         if len(x_shape) != 2 or w_q.ndim != 2:
