@@ -2,8 +2,9 @@
 
 The reduction of a 3x3 conv is grouped by kernel row: group ``(c, dy)`` holds the 3 taps
 ``(c, dy, 0..2)`` and a zero, the 4 bytes of one ``vpdpbusd`` lane. For 16 output pixels of
-one row, a group's activation bytes ``[x[s l], x[s l + 1], x[s l + 2], 0]`` come from one
-64-byte load of a padded input row and the byte permute of `int8_depthwise` (its `llvm_ir`).
+one row, a group's activation bytes ``[x[s l], x[s l + 1], x[s l + 2], x[s l + 3]]`` (the
+4th meets the zero weight) come from one 64-byte load of a padded input row and the byte
+permute of `int8_depthwise` (its `llvm_ir`).
 So the conv becomes: `pad` (quantize the float input into zero-point padded planes), `lanes`
 (write ``Xp[C * 3, P, 4]``, the activation layout of `int8_matmul`) and the dense
 `int8_matmul.int8_wx` kernel in its NCHW form over ``K = 12 C`` (a quarter of it zero).
@@ -96,7 +97,8 @@ def lanes(
     columns: int,
 ) -> tirx.PrimFunc:
     """planes [C, rows, row_len] -> Xp [3 C, columns, 4]: group (c, dy), output pixel p =
-    oy Wo + ox: ``[x[oy s + dy, ox s + 0..2], 0]`` (padding columns past Ho Wo zero)."""
+    oy Wo + ox: ``x[oy s + dy, ox s + 0..3]`` (the 4th byte meets a zero weight; padding
+    columns past Ho Wo zero)."""
     ho, wo, rows, row_len = dw.geometry(hw, stride, pads)
     vectors, full = -(-wo // LANES), wo // LANES
     groups = channels * KERNEL
