@@ -22,6 +22,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvm_sparse._compat import Constant, constant_value
 from tvm_sparse.passes.collect_sparse_layers import weight_key
+from tvm_sparse.schedules import int8_recurrent as ir
 from tvm_sparse.schedules import recurrent as rc
 from tvm_sparse.schedules.recurrent_sparse import sparse_recurrence
 from tvm_sparse.schedules.recurrent_sparse_pack import FORMATS, pack_sparse
@@ -90,11 +91,15 @@ def _layer(call: relax.Call, func: tvm.tirx.PrimFunc) -> RecurrentLayer | None:
     kind = str(attrs["tvm_sparse.kind"])
     xw, h0 = (func.params[i].ty for i in (0, names.index("h0")))
     (n_t, n_b, _), n_h = (int(d) for d in xw.shape), int(h0.shape[1])
-    lay = rc.panel_layout(kind, n_h, n_b)
-    panels = list(call.args[1].fields[1 : 1 + len(lay.groups)])
+    groups = 1 if kind == ir.KIND else len(rc.panel_layout(kind, n_h, n_b).groups)
+    panels = list(call.args[1].fields[1 : 1 + groups])
     if not all(isinstance(p, Constant) for p in panels):
         return None
-    r = rc.unpack_recurrent_weight([constant_value(p) for p in panels], lay)
+    values = [constant_value(p) for p in panels]
+    if kind == ir.KIND:  # int8 R [H, 4H] -> [4H, H] as the float layers hold it
+        r = ir.unpack_r(values[0], n_h).T
+    else:
+        r = rc.unpack_recurrent_weight(values, rc.panel_layout(kind, n_h, n_b))
     layer = str(attrs["tvm_sparse.layer"])
     gate_rows = np.split(r, len(GATES[layer]))
     return RecurrentLayer(
@@ -148,7 +153,8 @@ def collect_recurrent_layers(mod: tvm.IRModule) -> list[RecurrentLayer]:
 
 
 def candidate_name(layer: RecurrentLayer, fmt: str, sparse: tuple[bool, ...]) -> str:
-    """``<kind>_<format>_<sparse gates>[+dense_<dense gates>]``, gates in ONNX order."""
+    """``<kind>_<format>_<sparse gates>[+dense_<dense gates>]``, gates in ONNX order (int8
+    LSTMs: ``lstm_int8bsr16x4_iofc``, every gate in one block list)."""
     names = GATES[layer.kind]
     on = "".join(g for g, s in zip(names, sparse) if s)
     off = "".join(g for g, s in zip(names, sparse) if not s)
@@ -160,7 +166,8 @@ def parse_candidate(layer: RecurrentLayer, name: str) -> tuple[str, tuple[bool, 
     prefix, fmt, gates = name.split("_", 2)
     on = gates.split("+dense_")[0]
     names = GATES[layer.kind]
-    if prefix != layer.kind.lower() or fmt not in FORMATS or not set(on) <= set(names) or not on:
+    formats = [ir.SPARSE_FORMAT] if layer.kernel_kind == ir.KIND else FORMATS
+    if prefix != layer.kind.lower() or fmt not in formats or not set(on) <= set(names) or not on:
         raise ValueError(f"{name!r} is not a sparse kernel of {layer.kind} layer {layer.key}")
     sparse = tuple(g in on for g in names)
     if candidate_name(layer, fmt, sparse) != name:
@@ -208,6 +215,10 @@ def candidates(layer: RecurrentLayer, target: tvm.target.Target | None = None) -
     if not supported(target or tvm.target.Target.current(allow_none=True)):
         return [DENSE]
     names = GATES[layer.kind]
+    if layer.kernel_kind == ir.KIND:  # int8: one 16x4 BSR kernel over all gates
+        zeros = ir.block_fraction(layer.r.T, ir.panel_unit(layer.hidden))
+        every = (True,) * len(names)
+        return [DENSE] + ([candidate_name(layer, ir.SPARSE_FORMAT, every)] if zeros > 0 else [])
     sparsity = [layer.gate_sparsity[g] for g in names]
     sets = []
     for threshold in (1e-12, MOSTLY_SPARSE):
@@ -225,6 +236,18 @@ def build_kernel(layer: RecurrentLayer, name: str, threads: int | None = None):
     dense kernel's packed R arguments."""
     opts = {"reverse": layer.reverse, "check_lengths": layer.check_lengths}
     n_t, n_b, n_h = layer.seq_len, layer.batch, layer.hidden
+    if layer.kernel_kind == ir.KIND:
+        parse_candidate(layer, name) if name != DENSE else None
+        packed = ir.pack_r(layer.r.T, ir.panel_unit(n_h), sparse=name != DENSE)
+        blocks = packed.blocks if name != DENSE else None
+        func = ir.lstm_int8_recurrence(
+            n_t, n_b, n_h, blocks=blocks, peephole=layer.peephole, reverse=layer.reverse,
+            threads=threads,
+        )  # fmt: skip
+        arrays = (
+            [packed.values] if name == DENSE else [packed.values, packed.indptr, packed.indices]
+        )
+        return func.with_attr("tvm_sparse.kernel", name), arrays
     if name == DENSE:
         lay = rc.panel_layout(layer.kernel_kind, n_h, n_b)
         arrays = rc.pack_recurrent_weight(layer.r, lay)
@@ -313,7 +336,11 @@ class _Rewriter(PyExprMutator):
         fmt = name.split("_")[1]
         gvar = self.builder_.add_func(func, f"{layer.function}_{fmt}")
         args = list(new.args[1].fields)
-        n_dense = len(rc.panel_layout(layer.kernel_kind, layer.hidden, layer.batch).groups)
+        n_dense = (
+            1
+            if layer.kernel_kind == ir.KIND
+            else len(rc.panel_layout(layer.kernel_kind, layer.hidden, layer.batch).groups)
+        )
         args = [args[0], *[relax.const(w) for w in weights], *args[1 + n_dense :]]
         out = new.ty_args[0]
         outs = list(out.fields) if isinstance(out, relax.TupleType) else out

@@ -205,3 +205,33 @@ def test_dynamic_quantize_lstm_bidirectional_peepholes_initial_state(tmp_path):
         assert a.shape == e.shape, k
         step = (max(e.max(), 0) - min(e.min(), 0)) / 255
         assert np.abs(a - e).max() <= step, (k, np.abs(a - e).max() / step)
+
+
+@pytest.mark.parametrize("sparse", ["off", "force"])
+def test_dynamic_quantize_lstm_runs_the_int8_kernels(tmp_path, sparse):
+    """quantize_dynamic of an LSTM whose R was pruned in 16x4 blocks: the direction runs as
+    one fused int8 kernel, the 16x4 block-sparse one when sparsity is asked for, and the
+    outputs stay within one step of ORT's."""
+    from onnx import numpy_helper
+
+    model = examples.lstm(seq_len=8, batch=2, input_size=32, hidden=64)
+    rng = np.random.default_rng(5)
+    for init in model.graph.initializer:
+        value = numpy_helper.to_array(init)
+        if value.shape == (1, 256, 64):  # R [D, 4H, H]: zero 16 units x 4 inputs at a time
+            keep = rng.random((1, 16, 16)) < 0.2
+            value = value * np.repeat(np.repeat(keep, 16, 1), 4, 2)
+            init.CopyFrom(numpy_helper.from_array(value.astype(np.float32), init.name))
+    onnx.save(model, tmp_path / "fp32.onnx")
+    quantize_dynamic(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", weight_type=QuantType.QInt8)
+    quantized = onnx.load(tmp_path / "int8.onnx")
+    compiled = tvm_sparse.compile(quantized, sparse=sparse, policy="measured")
+    kernels = [row["kernel"] for row in compiled.report if row["op"] == "DynamicQuantizeLSTM"]
+    assert kernels == (["lstm_int8bsr16x4_iofc"] if sparse == "force" else ["dense"]), (
+        compiled.report
+    )
+    feeds = _feeds(quantized, rng)
+    ours, theirs = compiled.run(feeds), ort_run(quantized, feeds)
+    for a, e in zip(ours, theirs):
+        step = (max(e.max(), 0) - min(e.min(), 0)) / 255
+        assert np.abs(a - e).max() <= step

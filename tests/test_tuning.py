@@ -251,6 +251,7 @@ def test_ctrl_c_leaves_a_valid_database_and_a_rerun_continues(tmp_path):
     import signal
     import subprocess
     import sys
+    import threading
     import time
 
     import onnx
@@ -267,14 +268,30 @@ def test_ctrl_c_leaves_a_valid_database_and_a_rerun_continues(tmp_path):
         text=True,
         stderr=subprocess.PIPE,
     )
-    deadline = time.time() + 600
-    while time.time() < deadline and (
-        not records.exists() or len(records.read_text().splitlines()) < 2
+    # stderr is read as it comes (the progress lines say when trials are being measured), so
+    # the signal goes out while the search runs however slow the machine is
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    start, deadline = time.time(), time.time() + 600
+    while (
+        time.time() < deadline
+        and proc.poll() is None
+        and not (
+            any("trials" in line for line in lines)
+            and records.exists()
+            and len(records.read_text().splitlines()) >= 2
+        )
     ):
-        time.sleep(0.5)
+        time.sleep(0.2)
+    assert proc.poll() is None, "".join(lines)
+    sent = time.time() - start
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, err
+    out = proc.stdout.read()  # until the process closes it (exits)
+    proc.wait(timeout=300)
+    reader.join(timeout=10)
+    err = "".join(lines)
+    assert proc.returncode == 130, f"SIGINT sent after {sent:.1f} s\n{err}"
     assert "interrupted" in out and "Traceback" not in err
     done = len(open_database(db).ms.get_all_tuning_records())
     assert done >= 2

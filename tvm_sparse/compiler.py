@@ -55,8 +55,17 @@ def _layer_report(proto: onnx.ModelProto, decisions: list) -> list[dict]:
             row.update(kernel="dense", why="not in matmul form (dense conv schedule)")
     for d in decisions:  # layers the importer created (e.g. recurrent input projections)
         if _join_key(d) not in matched:
+            times = {k_: round(v * 1e6, 2) for k_, v in d.times.items()}
+            if hasattr(d.layer, "kernel_kind"):  # a recurrent node the rows do not list
+                op = "DynamicQuantizeLSTM" if d.layer.kernel_kind == "LSTM_INT8" else d.layer.kind
+                name = f"{d.layer.node} ({d.layer.direction})"
+                rows.append(
+                    {"op": op, "name": name, "weights": {}, "kernel": d.kernel, "why": d.why,
+                     "times_us": times}
+                )  # fmt: skip
+                continue
             if not hasattr(d.layer, "view") and not hasattr(d.layer, "shape"):
-                continue  # a recurrent layer whose weights the ONNX rows do not hold (e.g. DQ)
+                continue
             n, k = d.layer.view.shape if hasattr(d.layer, "view") else d.layer.shape
             rows.append(
                 {

@@ -13,8 +13,12 @@ QLinearMul differs on 24 (uint8) and 7 (int8), QLinearAdd and the activations on
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 from tvm import relax
+
+from tvm_sparse.schedules import int8_recurrent
 
 from .quant import (
     _QRANGE,
@@ -255,8 +259,11 @@ class DynamicQuantizeLSTM(_Converter):
     quantized to uint8 from their own range (:func:`quant.dynamic_quantize`), multiplied with
     the weights in int32 (one weight zero point per direction: ORT reads the first), scaled by
     ``x_scale * w_scale`` (per tensor or per gate column) in float32; the bias W_b + R_b and
-    the gate activations then run in float32. Unrolled over the time steps: each step's
-    quantization needs the previous step's h. Default activations only; no clip,
+    the gate activations then run in float32. With H a multiple of 16 and R minus its zero
+    point in int8 range, each direction is one fused VNNI kernel over the time steps
+    (:mod:`tvm_sparse.schedules.int8_recurrent`, which the measured selection may swap for its
+    16x4 block-sparse form); otherwise it is unrolled here in Relax ops, each step's
+    quantization needing the previous step's h. Default activations only; no clip,
     input_forget or sequence_lens shorter than the sequence.
     """
 
@@ -282,12 +289,18 @@ class DynamicQuantizeLSTM(_Converter):
             if values is None or not np.all(values == n_t):
                 raise _FormError("sequence_lens other than the sequence length")
         outs = [[], [], []]
+        name = attr.get("tvm_custom", {}).get("name") or "<unnamed>"
         for d, rev in enumerate(reverse[direction]):
             pick = [None if v is None else _direction(bb, v, d) for v in (h0, c0, peep, bias)]
-            y, h, c = _lstm_direction(
-                bb, x, (n_t, n_b, hidden), rev, [_weight(v, s, z, d) for v, s, z in
-                ((w, w_scale, w_zp), (r, r_scale, r_zp))], *pick
-            )  # fmt: skip
+            weights = [_weight(v, s, z, d) for v, s, z in ((w, w_scale, w_zp), (r, r_scale, r_zp))]
+            r32, r_sc = _weight_values(r, r_scale, r_zp, d)
+            if int8_recurrent.panel_unit(hidden) is not None and _fits_int8(r32):
+                w_values = _weight_values(w, w_scale, w_zp, d)
+                y, h, c = _fused_direction(
+                    bb, x, (n_t, n_b, hidden), rev, w_values, (r32, r_sc), *pick, name
+                )
+            else:
+                y, h, c = _lstm_direction(bb, x, (n_t, n_b, hidden), rev, weights, *pick)
             for k, value in enumerate((y, h, c)):
                 outs[k].append(value)
         y = relax.op.stack(outs[0], axis=1)  # [T, D, B, H]
@@ -301,8 +314,9 @@ def _direction(bb, value: relax.Expr, d: int) -> relax.Expr:
     return bb.emit(relax.op.squeeze(relax.op.strided_slice(value, [0], [d], [d + 1]), [0]))
 
 
-def _weight(w, scale, zp, d: int) -> tuple[relax.Expr, relax.Expr]:
-    """Direction d of a quantized weight as ``int32(w - zp[d][0])`` and its float32 scale."""
+def _weight_values(w, scale, zp, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """Direction d of a quantized weight as ``int32(w - zp[d][0])`` and its float32 scale
+    (per column, or a scalar)."""
     _check_dtype(w, tuple(_QRANGE), "quantized weight")
     values = [_const(v) for v in (w, scale, zp)]
     if any(v is None for v in values):
@@ -310,7 +324,11 @@ def _weight(w, scale, zp, d: int) -> tuple[relax.Expr, relax.Expr]:
     w_val, s_val, z_val = values
     w32 = w_val[d].astype(np.int32) - np.int32(np.asarray(z_val).reshape(w_val.shape[0], -1)[d, 0])
     s_val = np.asarray(s_val, np.float32).reshape(w_val.shape[0], -1)[d]
-    return _np_const(w32), _np_const(s_val if s_val.size > 1 else s_val.reshape(()))
+    return w32, s_val if s_val.size > 1 else s_val.reshape(())
+
+
+def _weight(w, scale, zp, d: int) -> tuple[relax.Expr, relax.Expr]:
+    return tuple(_np_const(v) for v in _weight_values(w, scale, zp, d))
 
 
 def _quantized_matmul(bb, a: relax.Expr, weight) -> relax.Expr:
@@ -322,19 +340,87 @@ def _quantized_matmul(bb, a: relax.Expr, weight) -> relax.Expr:
     return bb.emit(relax.op.multiply(_f32(acc), relax.op.multiply(scale, w_scale)))
 
 
+def _projection(bb, x, n_t: int, n_b: int, w_weight) -> relax.Expr:
+    """X (all steps at once) through ORT's quantized GEMM: [T, B, 4H]."""
+    rows = bb.emit(relax.op.reshape(x, [n_t * n_b, _shape(x)[2]]))
+    return bb.emit(relax.op.reshape(_quantized_matmul(bb, rows, w_weight), [n_t, n_b, -1]))
+
+
+def _summed_bias(bb, bias, hidden: int) -> relax.Expr | None:
+    """ORT adds W_b + R_b (summed once) after the two products."""
+    if bias is None:
+        return None
+    b_val = _const(bias)
+    if b_val is not None:
+        return _np_const(b_val[: 4 * hidden] + b_val[4 * hidden :])
+    return bb.emit(relax.op.add(*relax.op.split(bias, 2)))
+
+
+def _fits_int8(values: np.ndarray) -> bool:
+    return bool(values.min() >= -128 and values.max() <= 127)
+
+
+def _int8_projection(bb, x, n_t: int, n_b: int, w_values) -> relax.Expr:
+    """:func:`_projection` as one VNNI kernel (W minus its zero point in int8 range, the
+    input size a multiple of 4); the same float32 arithmetic."""
+    w32, w_scale = w_values
+    n_in, n_out = w32.shape
+    rows = bb.emit(relax.op.reshape(x, [n_t * n_b, n_in]))
+    q, scale, zp = (bb.emit(e) for e in dynamic_quantize(rows))
+    func = int8_recurrent.int8_projection(n_t * n_b, n_in, n_out)
+    gvar = bb.add_func(func.without_attr("global_symbol"), "lstm_int8_projection")
+    w_scale = np.broadcast_to(np.asarray(w_scale, np.float32), (n_out,))
+    args = [
+        q,
+        bb.emit(relax.op.reshape(scale, [1])),
+        bb.emit(relax.op.reshape(zp, [1])),
+        _np_const(int8_recurrent.pack_projection(w32.astype(np.int8))),
+        _np_const(w32.astype(np.int64).sum(axis=0).astype(np.int32)),
+        _np_const(np.ascontiguousarray(w_scale)),
+    ]
+    y = bb.emit(relax.call_tir(gvar, args, relax.TensorType((n_t * n_b, n_out), "float32")))
+    return bb.emit(relax.op.reshape(y, [n_t, n_b, n_out]))
+
+
+def _fused_direction(bb, x, dims, reverse, w_values, r_values, h0, c0, peep, bias, name):
+    """One direction as one int8 recurrent kernel call: returns (Y [T, B, H], h_T, c_T)."""
+    n_t, n_b, hidden = dims
+    if _shape(x)[2] % 4 == 0 and _fits_int8(w_values[0]):
+        xw = _int8_projection(bb, x, n_t, n_b, w_values)
+    else:
+        xw = _projection(bb, x, n_t, n_b, tuple(_np_const(v) for v in w_values))
+    unit = int8_recurrent.panel_unit(hidden)
+    r32, r_scale = r_values
+    packed = int8_recurrent.pack_r(r32.astype(np.int8), unit)
+    zeros = _np_const(np.zeros((n_b, hidden), np.float32))
+    bias = _summed_bias(bb, bias, hidden)
+    args = [
+        xw,
+        _np_const(packed.values),
+        _np_const(packed.colsum),
+        _np_const(int8_recurrent.pack_columns(r_scale, hidden, unit)),
+        bias if bias is not None else _np_const(np.zeros(4 * hidden, np.float32)),
+    ]
+    if peep is not None:
+        args.append(bb.emit(relax.op.reshape(peep, [3, hidden])))
+    args += [zeros if h0 is None else h0, zeros if c0 is None else c0]
+    func = int8_recurrent.lstm_int8_recurrence(
+        n_t, n_b, hidden, peephole=peep is not None, reverse=reverse
+    )
+    func = func.with_attr("tvm_sparse.node", name).without_attr("global_symbol")
+    node = re.sub(r"\W", "_", name).strip("_") or "node"
+    gvar = bb.add_func(func, f"lstm_int8_recurrence_{node}_{'rev' if reverse else 'fwd'}")
+    state = relax.TensorType((n_b, hidden), "float32")
+    outs = [relax.TensorType((n_t, n_b, hidden), "float32"), state, state]
+    call = bb.emit(relax.call_tir(gvar, args, outs))
+    return [bb.emit(relax.TupleGetItem(call, i)) for i in range(3)]
+
+
 def _lstm_direction(bb, x, dims, reverse, weights, h0, c0, peep, bias):
     """One direction, unrolled: returns (Y [T, B, H], h_T, c_T)."""
     n_t, n_b, hidden = dims
-    n_in = _shape(x)[2]
-    proj = _quantized_matmul(bb, bb.emit(relax.op.reshape(x, [n_t * n_b, n_in])), weights[0])
-    proj = bb.emit(relax.op.reshape(proj, [n_t, n_b, 4 * hidden]))
-    if bias is not None:  # ORT adds W_b + R_b (summed once) after the two products
-        b_val = _const(bias)
-        bias = (
-            _np_const(b_val[: 4 * hidden] + b_val[4 * hidden :])
-            if b_val is not None
-            else bb.emit(relax.op.add(*relax.op.split(bias, 2)))
-        )
+    proj = _projection(bb, x, n_t, n_b, weights[0])
+    bias = _summed_bias(bb, bias, hidden)
     zeros = _np_const(np.zeros((n_b, hidden), np.float32))
     h, c = h0 if h0 is not None else zeros, c0 if c0 is not None else zeros
     p = None if peep is None else [_slice(bb, peep, k, hidden, axis=0) for k in range(3)]
