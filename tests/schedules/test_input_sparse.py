@@ -187,4 +187,6 @@ def test_candidates_and_timing():
     assert names and all(n.startswith("input_sparse_gemv_") for n in names)
     cache = {}
     seconds = time_input_sparse(second, names[0], TARGET, 0.8, cache)
-    assert 0 < seconds < 1e-3 and time_input_sparse(second, names[0], TARGET, 0.8, cache) == seconds
+    # seconds, not ms or us: the kernel takes tens of microseconds on a quiet machine; the
+    # bound leaves room for a loaded CI host (3 ms was seen) and still catches a unit slip
+    assert 0 < seconds < 2e-2 and time_input_sparse(second, names[0], TARGET, 0.8, cache) == seconds
