@@ -528,8 +528,11 @@ class _Progress:
         self.total, self.done, self.report, self.task = total, 0, report, ""
         self.failed = 0
         self.stop = threading.Event()
+        self.interrupts: _Interrupts | None = None
 
     def check(self) -> None:
+        if self.interrupts is not None:
+            self.interrupts.poll()
         if self.stop.is_set():
             raise _Stopped
 
@@ -619,7 +622,9 @@ def tune(
     builder = ms.builder.LocalBuilder(max_workers=_cores(), f_build=build_kernel)
     options = dict(trials=trials, deadline=deadline, seed=seed, timeout=timeout, rpc=rpc)
     state = {"complete": True, "interrupted": False}
-    previous = _catch_sigint(progress.stop)
+    interrupts = _Interrupts(progress.stop)
+    progress.interrupts = interrupts
+    saved = interrupts.install()
     with using_database(db):
         try:
 
@@ -639,7 +644,7 @@ def tune(
             state.update(complete=False, interrupted=True)
         finally:
             db.save()
-            _restore_sigint(previous)
+            interrupts.restore(saved)
     order = {"space": 0, "generic": 1, "fixed": 2}
     report_rows = sorted(rows.values(), key=lambda r: (order[r.kind], -(r.default_s or 0), r.name))
     return TuneReport(
@@ -735,31 +740,70 @@ def tune_task(task, row, target, db, builder, runner, trials, deadline, seed, pr
     return True
 
 
-def _catch_sigint(stop):
-    """First Ctrl-C: set `stop` (tuning ends after the current batch, at a point where raising
-    is safe; a KeyboardInterrupt raised anywhere inside MetaSchedule's C++ loop can abort the
-    process). A second Ctrl-C interrupts at once."""
-    import signal
-    import sys
-    import threading
+class _Interrupts:
+    """Counts Ctrl-C presses through the signal module's wakeup pipe.
 
-    if threading.current_thread() is not threading.main_thread():
-        return None
+    Python runs a signal handler only when the main thread executes bytecode, and while
+    MetaSchedule's loop blocks the main thread in native code a press could go unseen for the
+    rest of the run (observed in about one run in three). The C-level handler also writes the
+    signal number to the wakeup pipe at once, so every safe point (`_Progress.check`, in
+    whichever thread) reads the presses from there. First press: stop after the current batch;
+    a second: interrupt at once (from the Python-level handler, where raising is safe)."""
 
-    def handler(signum, frame):
-        if stop.is_set():
+    def __init__(self, stop):
+        import threading
+
+        self.stop, self.count, self.lock = stop, 0, threading.Lock()
+        self.read_fd = self.write_fd = None
+
+    def install(self):
+        """Start counting (main thread only; None elsewhere: then nothing is caught)."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        self.read_fd, self.write_fd = os.pipe()
+        for fd in (self.read_fd, self.write_fd):
+            os.set_blocking(fd, False)
+        previous_fd = signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
+        previous = signal.signal(signal.SIGINT, self._handler)
+        return previous, previous_fd
+
+    def poll(self) -> None:
+        """Read the presses written since the last poll; the first sets `stop`."""
+        import signal
+        import sys
+
+        if self.read_fd is None:
+            return
+        with self.lock:
+            try:
+                data = os.read(self.read_fd, 512)
+            except BlockingIOError:
+                data = b""
+            presses = data.count(bytes([signal.SIGINT]))
+            if presses and self.count == 0:
+                print("\nstopping after the current batch (Ctrl-C again to abort)", file=sys.stderr)
+                self.stop.set()
+            self.count += presses
+
+    def _handler(self, signum, frame):
+        self.poll()
+        if self.count >= 2:
             raise KeyboardInterrupt
-        stop.set()
-        print("\nstopping after the current batch (Ctrl-C again to abort)", file=sys.stderr)
 
-    return signal.signal(signal.SIGINT, handler)
+    def restore(self, saved) -> None:
+        import signal
 
-
-def _restore_sigint(previous) -> None:
-    import signal
-
-    if previous is not None:
+        if saved is None:
+            return
+        previous, previous_fd = saved
         signal.signal(signal.SIGINT, previous)
+        signal.set_wakeup_fd(previous_fd)
+        for fd in (self.read_fd, self.write_fd):
+            os.close(fd)
+        self.read_fd = self.write_fd = None
 
 
 def _search():
