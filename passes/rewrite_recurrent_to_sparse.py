@@ -237,7 +237,8 @@ def build_kernel(layer: RecurrentLayer, name: str, threads: int | None = None):
     opts = {"reverse": layer.reverse, "check_lengths": layer.check_lengths}
     n_t, n_b, n_h = layer.seq_len, layer.batch, layer.hidden
     if layer.kernel_kind == ir.KIND:
-        parse_candidate(layer, name) if name != DENSE else None
+        if name != DENSE:
+            parse_candidate(layer, name)  # ValueError for a name that is not a candidate
         packed = ir.pack_r(layer.r.T, ir.panel_unit(n_h), sparse=name != DENSE)
         blocks = packed.blocks if name != DENSE else None
         func = ir.lstm_int8_recurrence(

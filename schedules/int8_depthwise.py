@@ -27,7 +27,7 @@ from tvm_sparse._compat import ATTR_NOALIAS, ATTR_SCHEDULED
 
 from .int8_matmul import QRANGE, epilogue_bounds, parallel_chunks, requantize
 from .int8_pack import activation_byte
-from .int8_vnni import LANES
+from .int8_vnni import LANES, broadcast_word, vpdpbusd
 from .shuffles import IMPORT
 
 KERNEL = 3  # kernel height and width
@@ -131,14 +131,8 @@ def depthwise3x3(
     def lanes(plane, slot, row, ox0):
         return kernel_row_lanes(stride, plane.vload([slot, row, stride * ox0], "uint8x64"))
 
-    def dot(acc, a, word):
-        return T.call_llvm_pure_intrin(
-            "int32x16",
-            "llvm.x86.avx512.vpdpbusd.512",
-            acc,
-            a,
-            T.reinterpret("int8x64", T.Broadcast(word, LANES)),
-        )
+    def dot(acc, a, word):  # the kernel row's weight word, shared by the 16 pixels
+        return vpdpbusd(acc, a, broadcast_word(word, "int8"))
 
     def load_flat(xf, i):
         return activation_byte(xf[i], x_dtype, None)

@@ -32,9 +32,9 @@ from tvm.script import tirx as T
 from tvm_sparse._compat import ATTR_NOALIAS, ATTR_SCHEDULED
 
 from .common import ON_STACK
-from .int8_vnni import GROUP, LANES
+from .int8_vnni import GROUP, LANES, broadcast_word, vpdpbusd
 from .recurrent import _thread_chunks, finish, kernel_attrs
-from .recurrent_cells import fast_sigmoid, fast_tanh, store_h
+from .recurrent_cells import lstm_cell
 
 GATES = 4
 KIND = "LSTM_INT8"  #: the kernels' ``tvm_sparse.kind``
@@ -43,6 +43,17 @@ SPARSE_FORMAT = "int8bsr16x4"  #: the sparse kernel's ``tvm_sparse.format``
 ACC_VECTORS = 24
 #: The quantized h of one step stays on each thread's stack up to this many bytes.
 STACK_BYTES = 1 << 17
+
+
+def dot(acc, word, w):
+    """The lanes-over-columns step: the activation word (4 uint8 inputs) broadcast to every
+    column, times each column's 4 int8 weights in ``w``."""
+    return vpdpbusd(acc, broadcast_word(word, "uint8"), w)
+
+
+def fits_int8(values: np.ndarray) -> bool:
+    """Whether integer weights (zero point subtracted) fit the int8 operand of vpdpbusd."""
+    return bool(values.min() >= -128 and values.max() <= 127)
 
 
 def panel_unit(hidden: int) -> int | None:
@@ -83,7 +94,7 @@ def pack_r(r: np.ndarray, unit: int, sparse: bool = False) -> PackedInt8R:
     hidden = r.shape[0]
     if r.shape != (hidden, GATES * hidden) or hidden % unit:
         raise ValueError(f"R of shape {r.shape} does not fit panels of {unit} units")
-    if r.min() < -128 or r.max() > 127:
+    if not fits_int8(r):
         raise ValueError("R does not fit int8")
     cols = _columns(hidden, unit)
     n_p, width = cols.shape
@@ -188,15 +199,6 @@ def lstm_int8_recurrence(
         attrs["tvm_sparse.format"] = SPARSE_FORMAT
     zero_f = T.float32(0)
 
-    def dot(acc, word, w):
-        return T.call_llvm_pure_intrin(
-            "int32x16",
-            "llvm.x86.avx512.vpdpbusd.512",
-            acc,
-            T.reinterpret("uint8x64", T.Broadcast(word, LANES)),
-            w,
-        )
-
     def word(q, b, kq):
         return T.reinterpret("int32", q.vload([b * n_h + kq * GROUP], "uint8x4"))
 
@@ -279,23 +281,7 @@ def lstm_int8_recurrence(
                         acc[i, gate * u + j]
                         - T.Cast("int32", stat[0, 1]) * colsum[p, gate * u + j],
                     ) * (stat[1, 1] * rscale[p, gate * u + j])
-            if peephole:
-                for j in T.vectorized(u):
-                    g[i, j] = g[i, j] + peep[0, p * u + j] * c[b0 + i, p * u + j]
-                    g[i, 2 * u + j] = g[i, 2 * u + j] + peep[2, p * u + j] * c[b0 + i, p * u + j]
-            for gate in range(GATES):
-                for j in T.vectorized(u):
-                    g[i, gate * u + j] = g[i, gate * u + j] + bias[gate * n_h + p * u + j]
-            for j in T.vectorized(u):
-                c[b0 + i, p * u + j] = fast_sigmoid(g[i, 2 * u + j]) * c[b0 + i, p * u + j] + (
-                    fast_sigmoid(g[i, j]) * fast_tanh(g[i, 3 * u + j])
-                )
-            if peephole:
-                for j in T.vectorized(u):
-                    g[i, u + j] = g[i, u + j] + peep[1, p * u + j] * c[b0 + i, p * u + j]
-            for j in T.vectorized(u):
-                g[i, j] = fast_sigmoid(g[i, u + j]) * fast_tanh(c[b0 + i, p * u + j])
-            store_h(h, y, g, i, (t + 1) % 2, tt, b0 + i, p * u, u, n_h, False)
+        lstm_cell(g, peep, h, c, y, t, tt, p, b0, rows, u, n_h, False, peephole, bias)
 
     acc_cols = 2 * width if sparse else width
 
@@ -357,7 +343,7 @@ def lstm_int8_recurrence(
         for t in range(n_t):
             tt = t + rev * (n_t - 1 - 2 * t)
             for th in T.parallel(n_th):
-                q = T.alloc_buffer((n_b * n_h + GROUP,), "uint8", annotations=q_scope)
+                q = T.alloc_buffer((n_b * n_h,), "uint8", annotations=q_scope)
                 stat = T.alloc_buffer((2, LANES), "float32", annotations=ON_STACK)
                 quantize(h, q, stat, t % 2)
                 for qq in range(per):
@@ -430,7 +416,7 @@ def pack_projection(w: np.ndarray) -> np.ndarray:
     k, n = w.shape
     if k % GROUP or n % LANES:
         raise ValueError(f"W of shape {w.shape}: K must be a multiple of 4 and N of 16")
-    if w.min() < -128 or w.max() > 127:
+    if not fits_int8(w):
         raise ValueError("W does not fit int8")
     tiles = np.asarray(w).reshape(k // GROUP, GROUP, n // LANES, LANES).transpose(2, 0, 3, 1)
     return np.ascontiguousarray(tiles, np.int8).reshape(n // LANES, k // GROUP, LANES * GROUP)
@@ -450,15 +436,6 @@ def int8_projection(m: int, k: int, n: int, threads: int | None = None) -> tirx.
     rows = _rows_per_tile(m, n_v)
     n_tiles, tail = m // rows, m % rows
     chunks, per = _thread_chunks(n_p, threads)
-
-    def dot(acc, word, w):
-        return T.call_llvm_pure_intrin(
-            "int32x16",
-            "llvm.x86.avx512.vpdpbusd.512",
-            acc,
-            T.reinterpret("uint8x64", T.Broadcast(word, LANES)),
-            w,
-        )
 
     @T.macro
     def tile(q, w, colsum, wscale, xscale, xzp, y, p, r0, nr):

@@ -53,6 +53,20 @@ def _impl(
         )
 
 
+def vpdpbusd(acc, unsigned, signed):
+    """``acc`` (int32x16) plus, per lane, the dot product of 4 unsigned bytes of ``unsigned``
+    with 4 signed bytes of ``signed`` (both 64-byte vectors), as kernels written in TIR call
+    it directly."""
+    return T.call_llvm_pure_intrin(
+        "int32x16", "llvm.x86.avx512.vpdpbusd.512", acc, unsigned, signed
+    )
+
+
+def broadcast_word(word, dtype: str):
+    """A 32-bit word (4 bytes) repeated over the 16 lanes, as a 64-byte ``dtype`` vector."""
+    return T.reinterpret(f"{dtype}x64", T.Broadcast(word, LANES))
+
+
 def register() -> str:
     """Register the intrinsic once per process; returns its name."""
     if TensorIntrin.get(INTRIN, allow_missing=True) is None:

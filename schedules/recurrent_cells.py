@@ -125,13 +125,20 @@ def load_xw(acc, xw, tt, b0, rows, base, width):
 
 
 @T.inline
-def lstm_cell(acc, peep, h, c, y, t, tt, p, b0, rows, u, n_h, masked, peephole):
-    """acc[i] holds the i | o | f | c pre-activations of units ``p * u ...``: new c and h."""
+def lstm_cell(acc, peep, h, c, y, t, tt, p, b0, rows, u, n_h, masked, peephole, bias=None):
+    """acc[i] holds the i | o | f | c pre-activations of units ``p * u ...``: new c and h.
+    ``bias`` ([4 * n_h], ONNX gate order; the int8 kernels') is added after the i / f
+    peepholes, where ONNX Runtime's quantized LSTM adds it; the float kernels fold theirs into
+    the projection."""
     for i in range(rows):
         if peephole:
             for j in T.vectorized(u):
                 acc[i, j] = acc[i, j] + peep[0, p * u + j] * c[b0 + i, p * u + j]
                 acc[i, 2 * u + j] = acc[i, 2 * u + j] + peep[2, p * u + j] * c[b0 + i, p * u + j]
+        if bias is not None:
+            for gate in range(4):
+                for j in T.vectorized(u):
+                    acc[i, gate * u + j] = acc[i, gate * u + j] + bias[gate * n_h + p * u + j]
         for j in T.vectorized(u):
             c[b0 + i, p * u + j] = fast_sigmoid(acc[i, 2 * u + j]) * c[b0 + i, p * u + j] + (
                 fast_sigmoid(acc[i, j]) * fast_tanh(acc[i, 3 * u + j])

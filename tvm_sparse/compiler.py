@@ -26,6 +26,8 @@ def _join_key(decision) -> str:
 
 def _layer_report(proto: onnx.ModelProto, decisions: list) -> list[dict]:
     """ONNX weight layers joined (by weight content) with the kernel chosen for each."""
+    from tvm_sparse.schedules.int8_recurrent import KIND as INT8_KIND
+
     by_key = {_join_key(d): d for d in decisions}
     rows = weight_layers(proto)
     matched = set()
@@ -57,7 +59,7 @@ def _layer_report(proto: onnx.ModelProto, decisions: list) -> list[dict]:
         if _join_key(d) not in matched:
             times = {k_: round(v * 1e6, 2) for k_, v in d.times.items()}
             if hasattr(d.layer, "kernel_kind"):  # a recurrent node the rows do not list
-                op = "DynamicQuantizeLSTM" if d.layer.kernel_kind == "LSTM_INT8" else d.layer.kind
+                op = "DynamicQuantizeLSTM" if d.layer.kernel_kind == INT8_KIND else d.layer.kind
                 name = f"{d.layer.node} ({d.layer.direction})"
                 rows.append(
                     {"op": op, "name": name, "weights": {}, "kernel": d.kernel, "why": d.why,

@@ -528,11 +528,10 @@ class _Progress:
         self.total, self.done, self.report, self.task = total, 0, report, ""
         self.failed = 0
         self.stop = threading.Event()
-        self.interrupts: _Interrupts | None = None
+        self.interrupts = _Interrupts(self.stop)  # counts only once installed
 
     def check(self) -> None:
-        if self.interrupts is not None:
-            self.interrupts.poll()
+        self.interrupts.poll()
         if self.stop.is_set():
             raise _Stopped
 
@@ -622,9 +621,7 @@ def tune(
     builder = ms.builder.LocalBuilder(max_workers=_cores(), f_build=build_kernel)
     options = dict(trials=trials, deadline=deadline, seed=seed, timeout=timeout, rpc=rpc)
     state = {"complete": True, "interrupted": False}
-    interrupts = _Interrupts(progress.stop)
-    progress.interrupts = interrupts
-    saved = interrupts.install()
+    saved = progress.interrupts.install()
     with using_database(db):
         try:
 
@@ -644,7 +641,7 @@ def tune(
             state.update(complete=False, interrupted=True)
         finally:
             db.save()
-            interrupts.restore(saved)
+            progress.interrupts.restore(saved)
     order = {"space": 0, "generic": 1, "fixed": 2}
     report_rows = sorted(rows.values(), key=lambda r: (order[r.kind], -(r.default_s or 0), r.name))
     return TuneReport(

@@ -19,6 +19,7 @@ import numpy as np
 from tvm import relax
 
 from tvm_sparse.schedules import int8_recurrent
+from tvm_sparse.schedules.int8_recurrent import fits_int8
 
 from .quant import (
     _QRANGE,
@@ -292,15 +293,15 @@ class DynamicQuantizeLSTM(_Converter):
         name = attr.get("tvm_custom", {}).get("name") or "<unnamed>"
         for d, rev in enumerate(reverse[direction]):
             pick = [None if v is None else _direction(bb, v, d) for v in (h0, c0, peep, bias)]
-            weights = [_weight(v, s, z, d) for v, s, z in ((w, w_scale, w_zp), (r, r_scale, r_zp))]
-            r32, r_sc = _weight_values(r, r_scale, r_zp, d)
-            if int8_recurrent.panel_unit(hidden) is not None and _fits_int8(r32):
-                w_values = _weight_values(w, w_scale, w_zp, d)
-                y, h, c = _fused_direction(
-                    bb, x, (n_t, n_b, hidden), rev, w_values, (r32, r_sc), *pick, name
-                )
+            w_values, r_values = (
+                _weight_values(v, s, z, d) for v, s, z in ((w, w_scale, w_zp), (r, r_scale, r_zp))
+            )
+            dims = (n_t, n_b, hidden)
+            if int8_recurrent.panel_unit(hidden) is not None and fits_int8(r_values[0]):
+                y, h, c = _fused_direction(bb, x, dims, rev, w_values, r_values, *pick, name)
             else:
-                y, h, c = _lstm_direction(bb, x, (n_t, n_b, hidden), rev, weights, *pick)
+                weights = [_as_consts(w_values), _as_consts(r_values)]
+                y, h, c = _lstm_direction(bb, x, dims, rev, weights, *pick)
             for k, value in enumerate((y, h, c)):
                 outs[k].append(value)
         y = relax.op.stack(outs[0], axis=1)  # [T, D, B, H]
@@ -327,8 +328,8 @@ def _weight_values(w, scale, zp, d: int) -> tuple[np.ndarray, np.ndarray]:
     return w32, s_val if s_val.size > 1 else s_val.reshape(())
 
 
-def _weight(w, scale, zp, d: int) -> tuple[relax.Expr, relax.Expr]:
-    return tuple(_np_const(v) for v in _weight_values(w, scale, zp, d))
+def _as_consts(values) -> tuple[relax.Expr, ...]:
+    return tuple(_np_const(v) for v in values)
 
 
 def _quantized_matmul(bb, a: relax.Expr, weight) -> relax.Expr:
@@ -356,10 +357,6 @@ def _summed_bias(bb, bias, hidden: int) -> relax.Expr | None:
     return bb.emit(relax.op.add(*relax.op.split(bias, 2)))
 
 
-def _fits_int8(values: np.ndarray) -> bool:
-    return bool(values.min() >= -128 and values.max() <= 127)
-
-
 def _int8_projection(bb, x, n_t: int, n_b: int, w_values) -> relax.Expr:
     """:func:`_projection` as one VNNI kernel (W minus its zero point in int8 range, the
     input size a multiple of 4); the same float32 arithmetic."""
@@ -385,10 +382,10 @@ def _int8_projection(bb, x, n_t: int, n_b: int, w_values) -> relax.Expr:
 def _fused_direction(bb, x, dims, reverse, w_values, r_values, h0, c0, peep, bias, name):
     """One direction as one int8 recurrent kernel call: returns (Y [T, B, H], h_T, c_T)."""
     n_t, n_b, hidden = dims
-    if _shape(x)[2] % 4 == 0 and _fits_int8(w_values[0]):
+    if _shape(x)[2] % 4 == 0 and fits_int8(w_values[0]):
         xw = _int8_projection(bb, x, n_t, n_b, w_values)
     else:
-        xw = _projection(bb, x, n_t, n_b, tuple(_np_const(v) for v in w_values))
+        xw = _projection(bb, x, n_t, n_b, _as_consts(w_values))
     unit = int8_recurrent.panel_unit(hidden)
     r32, r_scale = r_values
     packed = int8_recurrent.pack_r(r32.astype(np.int8), unit)
