@@ -440,13 +440,15 @@ def emit_int8(
     x_q: relax.Expr,
     quantized_from: tuple[relax.Expr, float, int] | None = None,
     dequantize: float | None = None,
+    packed: relax.Expr | None = None,
 ):
     """Emit pack + kernel for `layer` on its quantized input; returns the quantized output.
 
     `quantized_from` = (float input, scale, zero point) when `x_q` is a per-tensor
     QuantizeLinear of a float tensor: the pack then quantizes (one pass, `x_q` unused).
     `dequantize` = the scale of the output's only consumer, a DequantizeLinear: the kernel then
-    writes its float32 value."""
+    writes its float32 value. `packed` = the input already packed (`packed_columns`), by the
+    depthwise kernel producing it: no pack."""
     n, k = layer.shape
     p = layer.columns
     pp = int8_matmul.padded_columns(p, variant, conv=layer.kind != "matmul")
@@ -467,7 +469,7 @@ def emit_int8(
         )
         pack = int8_rows3.lanes(c, layer.hw, layer.stride, layer.pads, pp)
         operand = planes
-        packed = relax.TensorType([k // GROUP, pp, GROUP], "uint8")
+        packed_type = relax.TensorType([k // GROUP, pp, GROUP], "uint8")
     elif variant.gather:  # plain K-major bytes Xk[K, P]
         if layer.kind == "matmul":
             pack = int8_pack.bytes_rowmajor(p, k, layer.x_dtype, columns=pp, quantize=quant)
@@ -475,18 +477,25 @@ def emit_int8(
             pack = int8_pack.bytes_kmajor(
                 k, p, layer.x_dtype, hw=layer.hw, columns=pp, quantize=quant
             )
-        packed = relax.TensorType([-(-k // GROUP) * GROUP, pp], "uint8")
+        packed_type = relax.TensorType([-(-k // GROUP) * GROUP, pp], "uint8")
     elif layer.kind == "matmul":
         if quant is None:
             pack = int8_pack.from_rowmajor(p, k, layer.x_dtype, columns=pp)
         else:
             pack = int8_pack.quantize_rowmajor(p, k, *quant, layer.x_dtype, columns=pp)
-        packed = relax.TensorType([k // GROUP, pp, GROUP], "uint8")
+        packed_type = relax.TensorType([k // GROUP, pp, GROUP], "uint8")
     else:  # reads and writes NCHW directly: a reshape here would cost a copy
         pack = int8_pack.from_kmajor(k, p, layer.x_dtype, hw=layer.hw, columns=pp, quantize=quant)
-        packed = relax.TensorType([k // GROUP, pp, GROUP], "uint8")
-    pack_gv = bb.add_func(pack, f"{pack.attrs['tvm_sparse.kernel']}_{tag}")
-    xp = bb.emit(relax.call_tir(pack_gv, [operand], packed))
+        packed_type = relax.TensorType([k // GROUP, pp, GROUP], "uint8")
+    if packed is not None:
+        if variant.gather or layer.kind != "conv1x1":
+            raise ValueError(
+                f"layer {layer.key}: a packed input needs a pointwise BSR/dense kernel"
+            )
+        xp = packed
+    else:
+        pack_gv = bb.add_func(pack, f"{pack.attrs['tvm_sparse.kernel']}_{tag}")
+        xp = bb.emit(relax.call_tir(pack_gv, [operand], packed_type))
     weights, npad, nnzb = weight_operands(layer, variant)
     bias, scale = epilogue_operands(layer, npad)
     rows_out = p if layer.kind == "matmul" else None
@@ -515,8 +524,20 @@ def emit_int8(
     return y
 
 
-def emit_depthwise(bb: relax.BlockBuilder, layer: QuantLayer, x_q: relax.Expr):
-    """Emit the int8 depthwise kernel for `layer` on its quantized NCHW input."""
+def packed_columns(layer: QuantLayer, variant: Int8Variant) -> int | None:
+    """The activation columns of `layer`'s packed input when a depthwise kernel can write it
+    (a pointwise conv with a BSR or dense kernel, `int8_pack.from_kmajor`'s layout), else
+    None."""
+    if layer.kind != "conv1x1" or variant.gather or layer.shape[1] % GROUP:
+        return None
+    return int8_matmul.padded_columns(layer.columns, variant, conv=True)
+
+
+def emit_depthwise(
+    bb: relax.BlockBuilder, layer: QuantLayer, x_q: relax.Expr, columns: int | None = None
+):
+    """Emit the int8 depthwise kernel for `layer` on its quantized NCHW input (its output
+    packed for a pointwise kernel over `columns` columns, when given)."""
     c = layer.shape[0]
     func = int8_depthwise.depthwise3x3(
         c,
@@ -528,6 +549,7 @@ def emit_depthwise(bb: relax.BlockBuilder, layer: QuantLayer, x_q: relax.Expr):
         layer.y_dtype,
         layer.y_zp,
         layer.relu,
+        columns,
     )
     func = func.with_attr("tvm_sparse.layer_key", layer.key)
     gv = bb.add_func(func, f"dw3x3_u8s8_{layer.key.split(':')[1][:8]}")
@@ -535,7 +557,11 @@ def emit_depthwise(bb: relax.BlockBuilder, layer: QuantLayer, x_q: relax.Expr):
     words = int8_depthwise.weight_words(layer.weight.reshape(c, 3, 3))
     args = [x_q, relax.const(words, "int32"), relax.const(bias, "int32")]
     args.append(relax.const(scale, "float32"))
-    return bb.emit(relax.call_tir(gv, args, relax.TensorType([1, c, *layer.out_hw], layer.y_dtype)))
+    if columns is None:
+        out = relax.TensorType([1, c, *layer.out_hw], layer.y_dtype)
+    else:
+        out = relax.TensorType([c // GROUP, columns, GROUP], "uint8")
+    return bb.emit(relax.call_tir(gv, args, out))
 
 
 def _use_counts(func: relax.Function) -> dict:
@@ -572,7 +598,9 @@ class _Rewriter(PyExprMutator):
         found = match_any(_bound(expr, self.bindings), self.bindings)
         return found is not None and found[0].key in self.plan
 
-    def _emit(self, layer: QuantLayer, x_q, dequantize: float | None = None) -> relax.Expr:
+    def _emit(
+        self, layer: QuantLayer, x_q, dequantize: float | None = None, columns: int | None = None
+    ) -> relax.Expr:
         # a QuantizeLinear of a float tensor is fused into the pack (or, for a depthwise conv,
         # which reads its input as is, becomes a flat quantize kernel); not when an integer
         # layer (e.g. a depthwise conv) produces x_q
@@ -583,9 +611,23 @@ class _Rewriter(PyExprMutator):
             source = (self.visit_expr(source[0]), *source[1:])
         if layer.kind == "depthwise":
             x = self.visit_expr(x_q) if source is None else self._quantize(layer.x_dtype, *source)
-            return emit_depthwise(self.builder_, layer, x)
+            return emit_depthwise(self.builder_, layer, x, columns)
         x = self.visit_expr(x_q) if source is None else x_q
-        return emit_int8(self.builder_, layer, self.plan[layer.key], x, source, dequantize)
+        variant = self.plan[layer.key]
+        packed = None if source is not None else self._packed_input(layer, variant, x_q)
+        return emit_int8(self.builder_, layer, variant, x, source, dequantize, packed)
+
+    def _packed_input(self, layer: QuantLayer, variant, x_q) -> relax.Expr | None:
+        """`layer`'s input packed by the depthwise kernel producing it, when it is that
+        kernel's only consumer: one pass and one kernel call fewer than a separate pack (the
+        depthwise kernel's plain output, emitted on its own, is then dead code)."""
+        columns = packed_columns(layer, variant)
+        if columns is None or self.uses.get(x_q, 0) != 1:
+            return None
+        found = match_any(_bound(x_q, self.bindings), self.bindings)
+        if found is None or found[0].kind != "depthwise" or found[0].key not in self.plan:
+            return None
+        return self._emit(found[0], found[1], columns=columns)
 
     def _quantize(self, dtype: str, x: relax.Expr, scale: float, zp: int) -> relax.Expr:
         """Our flat per-tensor QuantizeLinear of float `x` (TVM's legalized one indexes 4-D

@@ -27,7 +27,7 @@ from tvm_sparse._compat import ATTR_NOALIAS, ATTR_SCHEDULED
 
 from .int8_matmul import QRANGE, epilogue_bounds, parallel_chunks, requantize
 from .int8_pack import activation_byte
-from .int8_vnni import LANES, broadcast_word, vpdpbusd
+from .int8_vnni import GROUP, LANES, broadcast_word, vpdpbusd
 from .shuffles import IMPORT
 
 KERNEL = 3  # kernel height and width
@@ -90,6 +90,7 @@ def depthwise3x3(
     out_dtype: str = "uint8",
     zp: int = 0,
     relu: bool = False,
+    packed_columns: int | None = None,
 ) -> tirx.PrimFunc:
     """The kernel for one layer.
 
@@ -103,12 +104,17 @@ def depthwise3x3(
         Activation type and zero point.
     out_dtype, zp, relu
         Output type, output zero point, ReLU fused as a clamp at the zero point.
+    packed_columns
+        Write the output as the next pointwise kernel reads it, ``Yp[C/4, packed_columns, 4]``
+        uint8 (`int8_pack.from_kmajor`'s layout, int8 shifted by +128, zero padded): each
+        thread stages 4 channels' outputs and interleaves them into words, instead of a
+        separate pack kernel reading the whole tensor again (C % 4 == 0 required).
 
     Returns
     -------
     PrimFunc
         Arguments ``(X [1, C, H, W], words [C, 3] int32, bias [C] int32, scale [C] float32,
-        Y [1, C, Ho, Wo])``; ``bias`` already holds ``-x_zp' * sum(w[c])`` with x_zp' the
+        Y [1, C, Ho, Wo] or Yp)``; ``bias`` already holds ``-x_zp' * sum(w[c])`` with x_zp' the
         zero point of the shifted activation.
     """
     if stride not in (1, 2):
@@ -121,7 +127,26 @@ def depthwise3x3(
     last_row = channels * h - 1  # the tensor's last row: no reading past it
     zp_in = x_zp + (128 if x_dtype == "int8" else 0)
     lo, hi = epilogue_bounds(out_dtype, zp, relu)
-    chunks, per_chunk = parallel_chunks(channels)
+    pixels = ho * wo
+    stage_len = pixels + LANES  # a staged channel, with slack for a row's run-on vector
+    yw_columns = packed_columns or 1
+    if packed_columns is None:
+        chunks, per_chunk = parallel_chunks(channels)
+        y_shape = (1, channels, ho, wo)
+    else:
+        if channels % GROUP or packed_columns < -(-pixels // LANES) * LANES:
+            raise ValueError(
+                f"packed output: {channels} channels (need a multiple of {GROUP}) and "
+                f"{packed_columns} columns (need whole vectors over {pixels} pixels)"
+            )
+        chunks, groups_per_chunk = parallel_chunks(channels // GROUP)
+        per_chunk = GROUP * groups_per_chunk  # a group's 4 channels stay in one thread
+        y_shape = (channels // GROUP, packed_columns, GROUP)
+    y_out = "uint8" if packed_columns else out_dtype
+    y_all = tuple(slice(0, d) for d in y_shape)
+    is_packed = packed_columns is not None
+    stage_size = GROUP * stage_len if is_packed else 1
+    flip = -2139062144 if out_dtype == "int8" else 0  # 0x80808080: int8 -> uint8 + 128
     full = wo // LANES  # output vectors with 16 valid pixels
     span = stride * (ROWS - 1) + KERNEL  # input rows under ROWS output rows
 
@@ -169,6 +194,19 @@ def depthwise3x3(
                     plane[slot, top + iy, left + w + j] = T.uint8(zp_in)
 
     @T.macro
+    def store(yf, tail, out, ch, c, oy, v):
+        at: T.let = (c * ho + oy) * wo + v * LANES
+        if at + LANES <= T.min((ch + 1) * per_chunk, channels) * ho * wo:
+            # whole vectors: a row's last one runs on into the rows (or the channel) after
+            # it, written later by this thread (a byte at a time was ~1/3 of the 28x28 layers)
+            yf[at : at + LANES] = out
+        else:
+            # at the chunk's end: the next chunk is another thread's, and the tensor ends
+            tail[0:LANES] = out
+            for j in range(wo - full * LANES):
+                yf[at + j] = tail[j]
+
+    @T.macro
     def emit(yf, tail, lanebuf, words, bias, scale, ch, c, oy, v, r0):
         # output vector v of row oy from the lanes of its kernel rows at lanebuf[r0 + 0..2]
         acc: T.let = dot(
@@ -181,16 +219,27 @@ def depthwise3x3(
             words[c, 2],
         )
         out: T.let = requant(acc, scale[c])
-        at: T.let = (c * ho + oy) * wo + v * LANES
-        if at + LANES <= T.min((ch + 1) * per_chunk, channels) * ho * wo:
-            # whole vectors: a row's last one runs on into the rows (or the channel) after
-            # it, written later by this thread (a byte at a time was ~1/3 of the 28x28 layers)
-            yf[at : at + LANES] = out
+        if is_packed:  # yf is the chunk's stage of 4 channels
+            staged: T.let = (c % GROUP) * stage_len + oy * wo + v * LANES
+            yf[staged : staged + LANES] = out
         else:
-            # at the chunk's end: the next chunk is another thread's, and the tensor ends
-            tail[0:LANES] = out
-            for j in range(wo - full * LANES):
-                yf[at + j] = tail[j]
+            store(yf, tail, out, ch, c, oy, v)
+
+    def staged_word(stage, col):  # the 4 channels' bytes of one pixel as one word
+        value = tirx.Cast("int32", tirx.Cast("uint8", stage[col]))
+        for e in (1, 2, 3):
+            byte = tirx.Cast("int32", tirx.Cast("uint8", stage[e * stage_len + col]))
+            value = value | tirx.shift_left(byte, 8 * e)
+        return tirx.bitwise_xor(value, flip)
+
+    @T.macro
+    def interleave(yw, stage, g):
+        # whole vectors (the stage's slack covers the last one), then the zero padding
+        for v in range(-(-pixels // LANES)):
+            for j in T.vectorized(LANES):
+                yw[g, v * LANES + j] = staged_word(stage, v * LANES + j)
+        for j in range(packed_columns - pixels):
+            yw[g, pixels + j] = 0
 
     @T.macro
     def rows_at(yf, tail, lanebuf, plane, words, bias, scale, ch, c, slot, oy0, count, v):
@@ -206,7 +255,7 @@ def depthwise3x3(
         words: T.Buffer((channels, KERNEL), "int32"),
         bias: T.Buffer((channels,), "int32"),
         scale: T.Buffer((channels,), "float32"),
-        Y: T.Buffer((1, channels, ho, wo), out_dtype),
+        Y: T.Buffer(y_shape, y_out),
     ):
         with T.sblock("root"):
             T.reads(
@@ -215,9 +264,10 @@ def depthwise3x3(
                 bias[0:channels],
                 scale[0:channels],
             )
-            T.writes(Y[0, 0:channels, 0:ho, 0:wo])
+            T.writes(Y[y_all])
             xf = T.decl_buffer((channels * h * w,), x_dtype, data=X.data)  # flat NCHW view
             yf = T.decl_buffer((channels * ho * wo,), out_dtype, data=Y.data)
+            yw = T.decl_buffer((channels // GROUP, yw_columns), "int32", data=Y.data)
             with T.attr(0, IMPORT, llvm_ir(stride)):
                 for ch in T.parallel(chunks):
                     # the channel's input plane padded with the zero point, filled once per
@@ -226,6 +276,8 @@ def depthwise3x3(
                     plane = T.alloc_buffer((2, plane_rows, row_len), "uint8")
                     tail = T.alloc_buffer((LANES,), out_dtype)
                     lanebuf = T.alloc_buffer((span, 64), "uint8", scope="local")
+                    stage = T.alloc_buffer((stage_size,), out_dtype)
+                    out = stage if is_packed else yf
                     # the padding is the same for every channel and the row copies below
                     # leave it as it is: filled once per chunk
                     for slot, r in T.grid(2, plane_rows):
@@ -246,7 +298,7 @@ def depthwise3x3(
                             # on into the next row, is stored before that row's first
                             for og, vr in T.grid(ho // ROWS, vectors):
                                 rows_at(
-                                    yf,
+                                    out,
                                     tail,
                                     lanebuf,
                                     plane,
@@ -262,7 +314,7 @@ def depthwise3x3(
                                 )
                             for oy, v in T.grid(ho % ROWS, vectors):  # the rows left, one by one
                                 rows_at(
-                                    yf,
+                                    out,
                                     tail,
                                     lanebuf,
                                     plane,
@@ -276,6 +328,9 @@ def depthwise3x3(
                                     1,
                                     v,
                                 )
+                            if is_packed:
+                                if (ch * per_chunk + cc) % GROUP == GROUP - 1:
+                                    interleave(yw, stage, (ch * per_chunk + cc) // GROUP)
 
     func = kernel.without_attr("global_symbol")
     return func.with_attrs(

@@ -105,24 +105,26 @@ def test_row_major_layers_also_time_the_kernel_with_transposes_inside():
         assert all(v.form != "rm" for v in variants_for(fc, (4, 1))), (columns, form)
 
 
-def test_int8_candidates_include_column_quads_for_column_pruning():
+def quant_layer(w):
     from tvm_sparse.passes.rewrite_quantized import QuantLayer
-    from tvm_sparse.selection import int8_candidates, quad_zero_fraction
 
-    def quant_layer(w):
-        n = w.shape[0]
-        return QuantLayer(
-            key="t",
-            kind="matmul",
-            weight=np.clip(np.rint(w * 50), -127, 127).astype(np.int8),
-            columns=16,
-            x_dtype="uint8",
-            x_zp=0,
-            bias=np.zeros(n, np.int32),
-            scale=np.ones(n, np.float32),
-            y_dtype="uint8",
-            y_zp=0,
-        )
+    n = w.shape[0]
+    return QuantLayer(
+        key="t",
+        kind="matmul",
+        weight=np.clip(np.rint(w * 50), -127, 127).astype(np.int8),
+        columns=16,
+        x_dtype="uint8",
+        x_zp=0,
+        bias=np.zeros(n, np.int32),
+        scale=np.ones(n, np.float32),
+        y_dtype="uint8",
+        y_zp=0,
+    )
+
+
+def test_int8_candidates_include_column_quads_for_column_pruning():
+    from tvm_sparse.selection import int8_candidates, quad_zero_fraction
 
     rng = np.random.default_rng(4)
     w = prune_out_in(rng.standard_normal((64, 256)).astype(np.float32), 0.9, (4, 1))
@@ -134,3 +136,36 @@ def test_int8_candidates_include_column_quads_for_column_pruning():
     assert cands["bsr_wx_4x4_u8s8"] < cands["cq_wx_4x4_u8s8"]
     dense = rng.standard_normal((64, 256)).astype(np.float32)
     assert [v.name for v, _ in int8_candidates(quant_layer(dense))] == ["dense_wx_4x4_u8s8"]
+
+
+def test_int8_candidates_are_timed_in_alternating_rounds(monkeypatch):
+    """Each candidate is sampled once per round, rounds interleaved, and keeps its fastest
+    sample (a slow phase of the host hits every candidate alike); cached times are reused."""
+    import tvm
+
+    from tvm_sparse import selection
+
+    w = prune_out_in(np.random.default_rng(5).standard_normal((64, 256)), 0.9, (4, 1))
+    layer8 = quant_layer(w.astype(np.float32))
+    variants = [v for v, _ in selection.int8_candidates(layer8)]
+    assert len(variants) >= 3
+    order = []
+    # samples: candidate i's rounds give 10 + i, then its fastest, then slower ones
+    samples = {v.name: iter([10.0 + i, 1.0 + i, 50.0, 70.0, 30.0]) for i, v in enumerate(variants)}
+
+    def sampler(layer, variant, target):
+        def sample():
+            order.append(variant.name)
+            return next(samples[variant.name])
+
+        return sample
+
+    monkeypatch.setattr(selection, "_int8_sampler", sampler)
+    target, cache = tvm.target.Target({"kind": "llvm"}), {}
+    times = selection.time_int8_candidates(layer8, variants, target, cache)
+    names = [v.name for v in variants]
+    assert order == names * selection.INT8_TIMING_ROUNDS
+    assert times == {name: 1.0 + i for i, name in enumerate(names)}
+    order.clear()
+    assert selection.time_int8_candidates(layer8, variants, target, cache) == times
+    assert order == []

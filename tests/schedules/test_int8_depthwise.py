@@ -22,7 +22,20 @@ def _build(func):
     return tvm.compile(func.with_attr("global_symbol", "main"), target=TARGET)
 
 
-def check(c, hw, stride, pads, x_dtype="uint8", out_dtype="uint8", relu=True, seed=0):
+def packed(y: np.ndarray, columns: int) -> np.ndarray:
+    """NCHW (u)int8 output -> the pointwise kernels' Yp[C/4, columns, 4] uint8 (NumPy)."""
+    c = y.shape[1]
+    flat = y.reshape(c, -1)
+    if flat.dtype == np.int8:
+        flat = (flat.astype(np.int16) + 128).astype(np.uint8)
+    out = np.zeros((c // 4, columns, 4), np.uint8)
+    out[:, : flat.shape[1], :] = flat.reshape(c // 4, 4, -1).transpose(0, 2, 1)
+    return out
+
+
+def check(c, hw, stride, pads, x_dtype="uint8", out_dtype="uint8", relu=True, seed=0, columns=None):
+    """The kernel against `dw.reference`; with `columns`, its packed output against
+    `packed` of the reference."""
     rng = np.random.default_rng(seed)
     info = np.iinfo(x_dtype)
     x = rng.integers(info.min, info.max + 1, (1, c, *hw)).astype(x_dtype)
@@ -36,8 +49,10 @@ def check(c, hw, stride, pads, x_dtype="uint8", out_dtype="uint8", relu=True, se
     zp_in = x_zp + (128 if x_dtype == "int8" else 0)
     wsum = weight.reshape(c, -1).astype(np.int64).sum(axis=1)
     kernel_bias = (bias.astype(np.int64) - zp_in * wsum).astype(np.int32)
-    func = dw.depthwise3x3(c, hw, stride, pads, x_dtype, x_zp, out_dtype, zp, relu)
-    out = tvm.runtime.tensor(np.full(want.shape, SENTINEL, out_dtype))
+    func = dw.depthwise3x3(c, hw, stride, pads, x_dtype, x_zp, out_dtype, zp, relu, columns)
+    if columns:
+        want = packed(want, columns)
+    out = tvm.runtime.tensor(np.full(want.shape, SENTINEL, want.dtype))
     args = (x, dw.weight_words(weight), kernel_bias, scale)
     _build(func)(*[tvm.runtime.tensor(a) for a in args], out)
     np.testing.assert_array_equal(out.numpy(), want)
@@ -83,6 +98,30 @@ def test_signed_activations_and_outputs(x_dtype, out_dtype):
 )
 def test_generated_shapes(c, h, w, stride, pads, relu, seed):
     check(c, (h, w), stride, pads, relu=relu, seed=seed)
+
+
+@pytest.mark.parametrize(
+    "c, hw, stride, pads, columns, x_dtype, out_dtype",
+    [
+        (32, (112, 112), 1, (1, 1, 1, 1), 12544, "uint8", "uint8"),  # MobileNet's layers
+        (512, (14, 14), 1, (1, 1, 1, 1), 208, "uint8", "uint8"),  # several groups a chunk
+        (1024, (14, 14), 2, (0, 0, 1, 1), 64, "uint8", "uint8"),  # 49 pixels, padding columns
+        (12, (7, 7), 1, (1, 1, 1, 1), 64, "uint8", "int8"),  # int8 out: shifted by +128
+        (8, (11, 13), 1, (1, 1, 1, 1), 160, "int8", "uint8"),
+        (36, (9, 5), 2, (1, 1, 1, 1), 16, "uint8", "uint8"),  # 9 groups over 8 chunks
+    ],
+)
+def test_packed_output(c, hw, stride, pads, columns, x_dtype, out_dtype):
+    """The output written as the next pointwise kernel's packed input: the 4 channels of a
+    group interleaved per pixel, padding columns zero."""
+    check(c, hw, stride, pads, x_dtype, out_dtype, relu=False, columns=columns)
+
+
+def test_packed_output_needs_channel_groups_and_whole_vectors():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        dw.depthwise3x3(6, (8, 8), 1, (1, 1, 1, 1), "uint8", 3, packed_columns=64)
+    with pytest.raises(ValueError, match="whole vectors over 64 pixels"):
+        dw.depthwise3x3(8, (8, 8), 1, (1, 1, 1, 1), "uint8", 3, packed_columns=48)
 
 
 def test_asm_uses_vpdpbusd():
