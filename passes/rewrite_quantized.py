@@ -433,30 +433,10 @@ def epilogue_operands(layer: QuantLayer, npad: int) -> tuple[np.ndarray, np.ndar
     return bias, scale
 
 
-def emit_int8(
-    bb: relax.BlockBuilder,
-    layer: QuantLayer,
-    variant: Int8Variant,
-    x_q: relax.Expr,
-    quantized_from: tuple[relax.Expr, float, int] | None = None,
-    dequantize: float | None = None,
-    packed: relax.Expr | None = None,
-):
-    """Emit pack + kernel for `layer` on its quantized input; returns the quantized output.
-
-    `quantized_from` = (float input, scale, zero point) when `x_q` is a per-tensor
-    QuantizeLinear of a float tensor: the pack then quantizes (one pass, `x_q` unused).
-    `dequantize` = the scale of the output's only consumer, a DequantizeLinear: the kernel then
-    writes its float32 value. `packed` = the input already packed (`packed_columns`), by the
-    depthwise kernel producing it: no pack."""
-    n, k = layer.shape
-    p = layer.columns
-    pp = int8_matmul.padded_columns(p, variant, conv=layer.kind != "matmul")
-    tag = layer.key.split(":")[1][:8]
-    operand = x_q if quantized_from is None else quantized_from[0]
-    quant = None if quantized_from is None else quantized_from[1:]
-    if layer.kind == "rows3" and variant.gather:  # its lanes are the [K/4, P, 4] layout
-        variant = Int8Variant(variant.rows, sparse=False)
+def _emit_pack(bb, layer: QuantLayer, variant: Int8Variant, operand, quant, pp: int, tag: str):
+    """Emit the activation pack `variant`'s kernel reads (quantizing a float `operand` with
+    `quant` = (scale, zero point)); returns the packed tensor."""
+    k, p = layer.shape[1], layer.columns
     if layer.kind == "rows3":  # zero-point padded planes, then kernel-row lanes
         c = k // (GROUP * int8_rows3.KERNEL)
         geo = int8_depthwise.geometry(layer.hw, layer.stride, layer.pads)
@@ -487,15 +467,40 @@ def emit_int8(
     else:  # reads and writes NCHW directly: a reshape here would cost a copy
         pack = int8_pack.from_kmajor(k, p, layer.x_dtype, hw=layer.hw, columns=pp, quantize=quant)
         packed_type = relax.TensorType([k // GROUP, pp, GROUP], "uint8")
-    if packed is not None:
-        if variant.gather or layer.kind != "conv1x1":
-            raise ValueError(
-                f"layer {layer.key}: a packed input needs a pointwise BSR/dense kernel"
-            )
-        xp = packed
+    pack_gv = bb.add_func(pack, f"{pack.attrs['tvm_sparse.kernel']}_{tag}")
+    return bb.emit(relax.call_tir(pack_gv, [operand], packed_type))
+
+
+def emit_int8(
+    bb: relax.BlockBuilder,
+    layer: QuantLayer,
+    variant: Int8Variant,
+    x_q: relax.Expr,
+    quantized_from: tuple[relax.Expr, float, int] | None = None,
+    dequantize: float | None = None,
+    packed: relax.Expr | None = None,
+):
+    """Emit pack + kernel for `layer` on its quantized input; returns the quantized output.
+
+    `quantized_from` = (float input, scale, zero point) when `x_q` is a per-tensor
+    QuantizeLinear of a float tensor: the pack then quantizes (one pass, `x_q` unused).
+    `dequantize` = the scale of the output's only consumer, a DequantizeLinear: the kernel then
+    writes its float32 value. `packed` = the input already packed (`packed_columns`), by the
+    depthwise kernel producing it: no pack."""
+    n, k = layer.shape
+    p = layer.columns
+    pp = int8_matmul.padded_columns(p, variant, conv=layer.kind != "matmul")
+    tag = layer.key.split(":")[1][:8]
+    operand = x_q if quantized_from is None else quantized_from[0]
+    quant = None if quantized_from is None else quantized_from[1:]
+    if layer.kind == "rows3" and variant.gather:  # its lanes are the [K/4, P, 4] layout
+        variant = Int8Variant(variant.rows, sparse=False)
+    if packed is None:
+        xp = _emit_pack(bb, layer, variant, operand, quant, pp, tag)
+    elif packed_columns(layer, variant) is None:
+        raise ValueError(f"layer {layer.key}: a packed input needs a pointwise BSR/dense kernel")
     else:
-        pack_gv = bb.add_func(pack, f"{pack.attrs['tvm_sparse.kernel']}_{tag}")
-        xp = bb.emit(relax.call_tir(pack_gv, [operand], packed_type))
+        xp = packed
     weights, npad, nnzb = weight_operands(layer, variant)
     bias, scale = epilogue_operands(layer, npad)
     rows_out = p if layer.kind == "matmul" else None

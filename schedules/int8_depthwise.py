@@ -26,7 +26,7 @@ from tvm.script import tirx as T
 from tvm_sparse._compat import ATTR_NOALIAS, ATTR_SCHEDULED
 
 from .int8_matmul import QRANGE, epilogue_bounds, parallel_chunks, requantize
-from .int8_pack import activation_byte
+from .int8_pack import SIGN_FLIP, activation_byte, byte_word
 from .int8_vnni import GROUP, LANES, broadcast_word, vpdpbusd
 from .shuffles import IMPORT
 
@@ -129,8 +129,9 @@ def depthwise3x3(
     lo, hi = epilogue_bounds(out_dtype, zp, relu)
     pixels = ho * wo
     stage_len = pixels + LANES  # a staged channel, with slack for a row's run-on vector
-    yw_columns = packed_columns or 1
-    if packed_columns is None:
+    is_packed = packed_columns is not None
+    yw_columns = packed_columns if is_packed else 1
+    if not is_packed:
         chunks, per_chunk = parallel_chunks(channels)
         y_shape = (1, channels, ho, wo)
     else:
@@ -142,11 +143,10 @@ def depthwise3x3(
         chunks, groups_per_chunk = parallel_chunks(channels // GROUP)
         per_chunk = GROUP * groups_per_chunk  # a group's 4 channels stay in one thread
         y_shape = (channels // GROUP, packed_columns, GROUP)
-    y_out = "uint8" if packed_columns else out_dtype
+    y_out = "uint8" if is_packed else out_dtype
     y_all = tuple(slice(0, d) for d in y_shape)
-    is_packed = packed_columns is not None
     stage_size = GROUP * stage_len if is_packed else 1
-    flip = -2139062144 if out_dtype == "int8" else 0  # 0x80808080: int8 -> uint8 + 128
+    flip = SIGN_FLIP if out_dtype == "int8" else 0
     full = wo // LANES  # output vectors with 16 valid pixels
     span = stride * (ROWS - 1) + KERNEL  # input rows under ROWS output rows
 
@@ -226,11 +226,10 @@ def depthwise3x3(
             store(yf, tail, out, ch, c, oy, v)
 
     def staged_word(stage, col):  # the 4 channels' bytes of one pixel as one word
-        value = tirx.Cast("int32", tirx.Cast("uint8", stage[col]))
-        for e in (1, 2, 3):
-            byte = tirx.Cast("int32", tirx.Cast("uint8", stage[e * stage_len + col]))
-            value = value | tirx.shift_left(byte, 8 * e)
-        return tirx.bitwise_xor(value, flip)
+        def byte(e):
+            return tirx.Cast("int32", tirx.Cast("uint8", stage[e * stage_len + col]))
+
+        return byte_word(byte, flip)
 
     @T.macro
     def interleave(yw, stage, g):

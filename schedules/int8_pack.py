@@ -22,7 +22,16 @@ from .common import ON_STACK
 from .int8_matmul import QRANGE, parallel_chunks
 from .int8_vnni import GROUP, LANES
 
-_SIGN_FLIP = -2139062144  # 0x80808080 as int32
+SIGN_FLIP = -2139062144  # 0x80808080 as int32: each byte's top bit, int8 -> uint8 + 128
+
+
+def byte_word(byte, flip: int = 0):
+    """One int32 word of 4 reduction bytes: ``byte(e)`` (an int32 in 0..255) in byte e,
+    xor `flip` (`SIGN_FLIP` shifts int8 bytes into uint8)."""
+    value = byte(0)
+    for e in (1, 2, 3):
+        value = value | tirx.shift_left(byte(e), 8 * e)
+    return tirx.bitwise_xor(value, flip)
 
 
 def _padded(k: int, p: int) -> tuple[int, int]:
@@ -72,7 +81,7 @@ def from_kmajor(
     pp = columns or pp
     if k % GROUP:
         raise ValueError(f"reduction length {k} is not a multiple of {GROUP}")
-    flip = _SIGN_FLIP if dtype == "int8" and quantize is None else 0
+    flip = SIGN_FLIP if dtype == "int8" and quantize is None else 0
     body = p // LANES * LANES
     x_shape = (1, k, *hw) if hw else (k, p)
     x_all = tuple(slice(0, d) for d in x_shape)
@@ -84,10 +93,7 @@ def from_kmajor(
         return tirx.Cast("int32", tirx.Cast("uint8", X[row, col]))
 
     def word(X, g, col):
-        value = load(X, g * 4, col)
-        for e in (1, 2, 3):
-            value = value | tirx.shift_left(load(X, g * 4 + e, col), 8 * e)
-        return tirx.bitwise_xor(value, flip)
+        return byte_word(lambda e: load(X, g * 4 + e, col), flip)
 
     @T.prim_func(s_tir=True)
     def kernel(X: T.Buffer(x_shape, x_dtype), Xp: T.Buffer((kg, pp, 4), "uint8")):
@@ -117,7 +123,7 @@ def from_rowmajor(
     mp = columns or mp
     if k % GROUP:
         raise ValueError(f"reduction length {k} is not a multiple of {GROUP}")
-    flip = _SIGN_FLIP if dtype == "int8" else 0
+    flip = SIGN_FLIP if dtype == "int8" else 0
 
     @T.prim_func(s_tir=True)
     def kernel(X: T.Buffer((m, k), dtype), Xp: T.Buffer((kg, mp, 4), "uint8")):

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tvm_sparse.schedules import int8_depthwise as dw
-from tvm_sparse.schedules import int8_pack
+from tvm_sparse.schedules import int8_matmul, int8_pack
 
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "znver5", "num-cores": 2})
 SENTINEL = 77
@@ -24,12 +24,9 @@ def _build(func):
 
 def packed(y: np.ndarray, columns: int) -> np.ndarray:
     """NCHW (u)int8 output -> the pointwise kernels' Yp[C/4, columns, 4] uint8 (NumPy)."""
-    c = y.shape[1]
-    flat = y.reshape(c, -1)
-    if flat.dtype == np.int8:
-        flat = (flat.astype(np.int16) + 128).astype(np.uint8)
-    out = np.zeros((c // 4, columns, 4), np.uint8)
-    out[:, : flat.shape[1], :] = flat.reshape(c // 4, 4, -1).transpose(0, 2, 1)
+    ref = int8_matmul.pack_activations(y.reshape(y.shape[1], -1))
+    out = np.zeros((ref.shape[0], columns, 4), np.uint8)
+    out[:, : ref.shape[1]] = ref
     return out
 
 
