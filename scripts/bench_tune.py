@@ -47,7 +47,7 @@ import tvm_sparse  # noqa: E402
 from tvm_sparse import examples  # noqa: E402
 from tvm_sparse.examples import prune_weight  # noqa: E402
 from tvm_sparse.target import num_cores  # noqa: E402
-from tvm_sparse.tuning import open_database, tune  # noqa: E402
+from tvm_sparse.tuning import cost_model, open_database, tune  # noqa: E402
 
 
 def _build_and_time(model, work: str, name: str, db: str | None, seconds: float, **kw) -> float:
@@ -179,97 +179,165 @@ def sparse_cases(args, work: str, results: dict) -> None:
         print(f"{name}: {_fmt(row)}", flush=True)
 
 
-def ranking(args, work: str, results: dict) -> None:
-    """XGBoost ranking on held-back records; evolutionary+XGB vs random search."""
-    from tvm.s_tir import meta_schedule as ms
-
+def _valid_records(db) -> list[tuple]:
+    """(record, mean run seconds) of every measured, non-failed record of `db`."""
     from tvm_sparse.tuning import FAILED
 
-    db_path = os.path.join(work, "db-matmul")
-    if not os.path.isdir(db_path):
-        return
-    db = open_database(db_path)
-    records = [r for r in db.ms.get_all_tuning_records() if r.run_secs]
-    times = np.array([float(np.mean([float(s) for s in r.run_secs])) for r in records])
-    keep = times < FAILED
-    records, times = [r for r, k in zip(records, keep) if k], times[keep]
-    rng = np.random.default_rng(0)
+    out = []
+    for r in db.ms.get_all_tuning_records():
+        if r.run_secs:
+            t = float(np.mean([float(s) for s in r.run_secs]))
+            if t < FAILED:
+                out.append((r, t))
+    return out
+
+
+def _rank_task(records: list[tuple], seed: int = 0) -> dict:
+    """Train MetaSchedule's XGBoost cost model on 3/4 of one task's measured candidates and
+    rank the held-back 1/4: Spearman rho against the measured times, recall of the true
+    fastest tenth within the predicted fastest fifth, and what a random ranking would get."""
+    from tvm.s_tir import meta_schedule as ms
+
+    rng = np.random.default_rng(seed)
     order = rng.permutation(len(records))
     split = len(order) * 3 // 4
     train, test = order[:split], order[split:]
-    target = records[0].target
+    times = np.array([t for _, t in records])
     ctx = ms.TuneContext(
-        mod=records[0].workload.mod,
-        target=target,
+        mod=records[0][0].workload.mod,
+        target=records[0][0].target,
         num_threads=num_cores(),
         space_generator="post-order-apply",
         search_strategy="replay-trace",
     )
 
     def candidates(idx):
-        return [records[i].as_measure_candidate() for i in idx]
+        return [records[i][0].as_measure_candidate() for i in idx]
 
-    model = ms.cost_model.XGBModel(num_tuning_cores=num_cores())
+    model = cost_model()
     model.update(
         ctx, candidates(train), [ms.runner.RunnerResult([float(times[i])], None) for i in train]
     )
     pred = np.asarray(model.predict(ctx, candidates(test)))  # higher = faster
     true = -times[test]
-    rho = _spearman(pred, true)
     k = max(1, len(test) // 10)
     top_true = set(np.argsort(-true)[:k])
-    recall = len(top_true & set(np.argsort(-pred)[: 2 * k])) / k
-    results["XGBoost ranking (MatMul records)"] = {
+    return {
         "train": len(train),
         "held_back": len(test),
-        "spearman_rho": rho,
-        f"top{k}_recall_in_top{2 * k}": recall,
-        "random_expected_recall": min(1.0, 2 * k / len(test)),
+        "spearman_rho": _spearman(pred, true),
+        "recall": len(top_true & set(np.argsort(-pred)[: 2 * k])) / k,
+        "random_recall": min(1.0, 2 * k / len(test)),
+        "k": k,
+        # Spread of the held-back times: a task whose candidates all run alike has nothing
+        # to rank (its rho is noise).
+        "spread": float(times[test].max() / times[test].min()),
     }
+
+
+def ranking(args, work: str, results: dict) -> None:
+    """XGBoost ranking on held-back records; evolutionary+XGB vs random search."""
+    from tvm_ffi import structural_hash
+
+    # Every task of the MobileNet database with enough measured candidates (run after the
+    # tuning curve has filled it), then the MatMul task.
+    db_path = os.path.join(work, "db-mobilenet")
+    if os.path.isdir(db_path):
+        by_task: dict = {}
+        for rec, t in _valid_records(open_database(db_path)):
+            key = structural_hash(rec.workload.mod)
+            by_task.setdefault(key, []).append((rec, t))
+        rows = [_rank_task(recs) for recs in by_task.values() if len(recs) >= 32]
+        if rows:
+            rhos = np.array([r["spearman_rho"] for r in rows])
+            results["XGBoost ranking (MobileNet tasks)"] = {
+                "tasks": len(rows),
+                "records": int(sum(r["train"] + r["held_back"] for r in rows)),
+                "median_rho": float(np.median(rhos)),
+                "mean_rho": float(np.mean(rhos)),
+                "tasks_rho_above_0.5": int((rhos > 0.5).sum()),
+                "tasks_rho_below_0": int((rhos < 0).sum()),
+                "mean_top_recall": float(np.mean([r["recall"] for r in rows])),
+                "mean_random_recall": float(np.mean([r["random_recall"] for r in rows])),
+                "per_task": [
+                    {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
+                    for r in rows
+                ],
+            }
+            summary = {
+                k: v
+                for k, v in results["XGBoost ranking (MobileNet tasks)"].items()
+                if k != "per_task"
+            }
+            print(f"ranking (MobileNet tasks): {summary}", flush=True)
+    db_path = os.path.join(work, "db-matmul")
+    if not os.path.isdir(db_path):
+        return
+    row = _rank_task(_valid_records(open_database(db_path)))
+    k = row.pop("k")
+    row[f"top{k}_recall_in_top{2 * k}"] = row.pop("recall")
+    row["random_expected_recall"] = row.pop("random_recall")
+    results["XGBoost ranking (MatMul records)"] = row
     print(f"ranking: {results['XGBoost ranking (MatMul records)']}", flush=True)
-    # Evolutionary search + XGBoost vs random search, same trial count, fresh databases.
+    # Evolutionary search + XGBoost vs random search, same trial count, fresh databases: the
+    # MatMul task and the MobileNet task with the most FLOPs (calls x FLOPs per call).
     from tvm_sparse.compiler import _prepare
     from tvm_sparse.tuning import extract_tasks
 
-    _, _, tgt, mod, _ = _prepare(matmul(), "host", None, "off", "measured")
-    (task,) = [t for t in extract_tasks(mod) if t.kind != "fixed"]
-    best = {}
-    for strategy in ("evolutionary", "replay-trace"):
-        with tempfile.TemporaryDirectory() as tmp:
-            mdb = ms.database.JSONDatabase(work_dir=tmp)
-            space = "post-order-apply" if task.space is None else _space(task, tgt)
-            search = strategy if strategy == "replay-trace" else _evo()
-            ms.tune_tasks(
-                tasks=[
-                    ms.TuneContext(
-                        mod=task.mod,
-                        target=tgt,
-                        space_generator=space,
-                        search_strategy=search,
-                        num_threads=num_cores(),
-                        rand_state=1,
-                    )
-                ],
-                task_weights=[1.0],
-                work_dir=tmp,
-                max_trials_global=args.trials,
-                num_trials_per_iter=16,
-                database=mdb,
-                builder=ms.builder.LocalBuilder(max_workers=num_cores()),
-                runner=ms.runner.LocalRunner(timeout_sec=10),
-            )
-            ts = [
-                float(np.mean([float(s) for s in r.run_secs]))
-                for r in mdb.get_all_tuning_records()
-                if r.run_secs
-            ]
-            best[strategy] = min(t for t in ts if t < FAILED) * 1e6
-    results["search at equal trials (MatMul)"] = {
-        "trials": args.trials,
-        "evolutionary+xgb_best_us": best["evolutionary"],
-        "random_best_us": best["replay-trace"],
-    }
-    print(f"search: {results['search at equal trials (MatMul)']}", flush=True)
+    for name, model in (("MatMul", matmul()), ("MobileNet", examples.mobilenet_v1())):
+        if args.only and args.only not in ("ranking", name):
+            continue
+        _, _, tgt, mod, _ = _prepare(model, "host", None, "off", "measured")
+        task = max(
+            (t for t in extract_tasks(mod) if t.kind == "space"), key=lambda t: t.calls * t.flops
+        )
+        best = {
+            s: _search_best(task, tgt, s, args.trials) for s in ("evolutionary", "replay-trace")
+        }
+        row = {
+            "task": f"{task.kernel} {task.shape}",
+            "trials": args.trials,
+            "evolutionary+xgb_best_us": best["evolutionary"],
+            "random_best_us": best["replay-trace"],
+        }
+        results[f"search at equal trials ({name})"] = row
+        print(f"search ({name}): {row}", flush=True)
+
+
+def _search_best(task, tgt, strategy: str, trials: int) -> float:
+    """Best time (us) `strategy` finds for `task` in `trials` measurements, fresh database."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from tvm_sparse.tuning import FAILED
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mdb = ms.database.JSONDatabase(work_dir=tmp)
+        ms.tune_tasks(
+            tasks=[
+                ms.TuneContext(
+                    mod=task.mod,
+                    target=tgt,
+                    space_generator=_space(task, tgt),
+                    search_strategy=strategy if strategy == "replay-trace" else _evo(),
+                    num_threads=num_cores(),
+                    rand_state=1,
+                )
+            ],
+            task_weights=[1.0],
+            work_dir=tmp,
+            max_trials_global=trials,
+            num_trials_per_iter=16,
+            database=mdb,
+            cost_model=cost_model(),  # the tuner's (random search ignores it)
+            builder=ms.builder.LocalBuilder(max_workers=num_cores()),
+            runner=ms.runner.LocalRunner(timeout_sec=10),
+        )
+        times = [
+            float(np.mean([float(s) for s in r.run_secs]))
+            for r in mdb.get_all_tuning_records()
+            if r.run_secs
+        ]
+    return min(t for t in times if t < FAILED) * 1e6
 
 
 def _space(task, target):
@@ -342,7 +410,8 @@ def main() -> int:
     os.makedirs(work, exist_ok=True)
     results: dict = {}
     print(f"# {machine()}  {datetime.date.today()}  work dir {work}", flush=True)
-    steps = [dense_cases, ranking, sparse_cases, mobilenet_curve]
+    # The ranking reads the databases the other steps filled.
+    steps = [dense_cases, sparse_cases, mobilenet_curve, ranking]
     for step in steps:
         if args.only and step in (ranking, mobilenet_curve) and args.only not in step.__name__:
             continue

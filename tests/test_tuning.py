@@ -19,6 +19,7 @@ from tvm.script import tirx as T
 from tvm_sparse.schedules import spaces
 from tvm_sparse.target import resolve_target
 from tvm_sparse.tuning import (
+    COST_MODEL_WARMUP,
     FAILED,
     DatabaseError,
     RealArguments,
@@ -26,6 +27,9 @@ from tvm_sparse.tuning import (
     Task,
     TaskResult,
     _Progress,
+    _space_generator,
+    cost_model,
+    extract_tasks,
     make_runner,
     open_database,
     parse_budget,
@@ -345,3 +349,52 @@ def test_re_pruned_model_reuses_the_records_with_zero_new_trials(tmp_path):
     assert tuned and tuned[0].new_trials == 3
     again = tune(second, **options)
     assert [r.new_trials for r in again.rows if r.kind == "space"] == [0] * len(tuned)
+
+
+def _spearman(a, b) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def test_cost_model_ranks_after_one_batch():
+    """The tuner's XGBoost model ranks candidates once it has seen one batch: MetaSchedule's
+    default waits for 100 samples and until then predicts at random, which is all of a
+    32-128 trial task. Costs here are a made-up monotone function of the candidates' features
+    (nothing is measured): the model must be deterministic and recover their order."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from tvm_sparse.compiler import _prepare
+
+    model, _ = _matmul_model(m=64, k=256, n=256)
+    _, _, target, mod, _ = _prepare(model, "host", None, "off", "measured")
+    (task,) = [t for t in extract_tasks(mod) if t.kind == "space"]
+    ctx = ms.TuneContext(
+        mod=task.mod,
+        target=target,
+        space_generator=_space_generator(task, target),
+        search_strategy="replay-trace",
+        num_threads=2,
+        rand_state=0,
+    )
+    ctx.pre_tuning(
+        max_trials=64,
+        num_trials_per_iter=64,
+        design_spaces=ctx.generate_design_space(),
+        database=ms.database.MemoryDatabase(),
+        cost_model=cost_model(),
+    )
+    cands = ctx.search_strategy.generate_measure_candidates()
+    feats = ms.feature_extractor.PerStoreFeature().extract_from(ctx, cands)
+    score = [f.numpy().sum(0)[:20].sum() for f in feats]
+    costs = np.empty(len(cands))
+    costs[np.argsort(score)] = 1e-5 * (1 + np.arange(len(cands)))
+    n = COST_MODEL_WARMUP
+    results = [ms.runner.RunnerResult([float(c)], None) for c in costs[:n]]
+    ours = cost_model()
+    ours.update(ctx, cands[:n], results)
+    first, again = ours.predict(ctx, cands[n:]), ours.predict(ctx, cands[n:])
+    assert np.array_equal(first, again)  # a model, not the random warm-up
+    assert _spearman(first, -costs[n:]) > 0.5  # higher score = faster
+    stock = ms.cost_model.XGBModel(num_tuning_cores=2)  # what tuning used before
+    stock.update(ctx, cands[:n], results)
+    assert not np.array_equal(stock.predict(ctx, cands[n:]), stock.predict(ctx, cands[n:]))

@@ -686,6 +686,25 @@ def _rounds(
             break
 
 
+# Measured candidates a task's cost model waits for before it ranks: one batch. MetaSchedule's
+# default (100) is meant for models shared by many tasks; with one model per task and 32-128
+# trials it would rank at random for most of the run (held-back Spearman rho about 0 instead
+# of 0.7-0.98 on the MobileNet tasks, see the README).
+COST_MODEL_WARMUP = 16
+
+
+def cost_model():
+    """MetaSchedule's XGBoost cost model as every task is tuned with (fresh per task)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.cost_model.XGBModel(
+        extractor=ms.feature_extractor.PerStoreFeature(),
+        adaptive_training=True,
+        num_warmup_samples=COST_MODEL_WARMUP,
+        num_tuning_cores=_cores(),
+    )
+
+
 def tune_task(task, row, target, db, builder, runner, trials, deadline, seed, progress) -> bool:
     """Measure candidates of `task` until it has `trials` records (False: stopped at
     `deadline`). Failed candidates (build errors, crashes, time-outs) are records too."""
@@ -694,11 +713,7 @@ def tune_task(task, row, target, db, builder, runner, trials, deadline, seed, pr
     need = trials - row.trials
     progress.total += max(need, 0)
     progress.task = task.name
-    cost_model = ms.cost_model.XGBModel(
-        extractor=ms.feature_extractor.PerStoreFeature(),
-        adaptive_training=True,
-        num_tuning_cores=_cores(),
-    )
+    model = cost_model()
     while need > 0:
         progress.check()
         if deadline is not None and time.perf_counter() > deadline:
@@ -723,7 +738,7 @@ def tune_task(task, row, target, db, builder, runner, trials, deadline, seed, pr
             builder=builder,
             runner=runner,
             database=db.ms,
-            cost_model=cost_model,
+            cost_model=model,
             measure_callbacks=[*ms.MeasureCallback.create("default"), progress.callback()],
             task_scheduler="round-robin",
         )
