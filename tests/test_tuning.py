@@ -28,6 +28,7 @@ from tvm_sparse.tuning import (
     TaskResult,
     _Progress,
     _space_generator,
+    _warm_start,
     cost_model,
     extract_tasks,
     make_runner,
@@ -80,6 +81,20 @@ def test_second_run_continues_with_zero_new_trials(tuned):
     assert again.rows and all(r.new_trials == 0 for r in again.rows if r.kind != "fixed")
     more = tune(model, database=db, trials=4, sparse="off")
     assert sum(r.new_trials for r in more.rows) == 1  # continues up to the new count
+
+
+def test_resumed_run_trains_the_cost_model_on_the_stored_records(tuned):
+    db, model, _, _ = tuned
+    from tvm_sparse.compiler import _prepare
+
+    _, _, target, mod, _ = _prepare(model, "host", None, "off", "measured")
+    (task,) = [t for t in extract_tasks(mod) if t.kind == "space"]
+    database = open_database(db)
+    stored = [r for r in database.records(task) if r.run_secs and len(r.run_secs)]
+    assert stored
+    fresh = cost_model()
+    _warm_start(fresh, task, target, database)
+    assert fresh.data_size == len(stored)
 
 
 def test_compile_with_database_matches_numpy_and_is_reproducible(tuned):

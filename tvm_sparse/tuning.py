@@ -705,6 +705,22 @@ def cost_model():
     )
 
 
+def _warm_start(model, task: Task, target, db: TuningDatabase) -> None:
+    """Train `model` on the task's measured records, so a resumed run ranks from its first
+    batch on instead of relearning what the database already holds."""
+    from tvm.s_tir import meta_schedule as ms
+
+    measured = [(r, t) for r in db.records(task) if (t := _seconds(r)) is not None]
+    if not measured:
+        return
+    ctx = ms.TuneContext(mod=task.mod, target=target, num_threads=_cores())
+    model.update(
+        ctx,
+        [r.as_measure_candidate() for r, _ in measured],
+        [ms.runner.RunnerResult([t], None) for _, t in measured],
+    )
+
+
 def tune_task(task, row, target, db, builder, runner, trials, deadline, seed, progress) -> bool:
     """Measure candidates of `task` until it has `trials` records (False: stopped at
     `deadline`). Failed candidates (build errors, crashes, time-outs) are records too."""
@@ -714,6 +730,8 @@ def tune_task(task, row, target, db, builder, runner, trials, deadline, seed, pr
     progress.total += max(need, 0)
     progress.task = task.name
     model = cost_model()
+    if need > 0:
+        _warm_start(model, task, target, db)
     while need > 0:
         progress.check()
         if deadline is not None and time.perf_counter() > deadline:
