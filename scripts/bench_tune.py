@@ -181,15 +181,9 @@ def sparse_cases(args, work: str, results: dict) -> None:
 
 def _valid_records(db) -> list[tuple]:
     """(record, mean run seconds) of every measured, non-failed record of `db`."""
-    from tvm_sparse.tuning import FAILED
+    from tvm_sparse.tuning import _seconds
 
-    out = []
-    for r in db.ms.get_all_tuning_records():
-        if r.run_secs:
-            t = float(np.mean([float(s) for s in r.run_secs]))
-            if t < FAILED:
-                out.append((r, t))
-    return out
+    return [(r, t) for r in db.ms.get_all_tuning_records() if (t := _seconds(r)) is not None]
 
 
 def _rank_task(records: list[tuple], seed: int = 0) -> dict:
@@ -308,7 +302,7 @@ def _search_best(task, tgt, strategy: str, trials: int) -> float:
     """Best time (us) `strategy` finds for `task` in `trials` measurements, fresh database."""
     from tvm.s_tir import meta_schedule as ms
 
-    from tvm_sparse.tuning import FAILED
+    from tvm_sparse.tuning import _seconds
 
     with tempfile.TemporaryDirectory() as tmp:
         mdb = ms.database.JSONDatabase(work_dir=tmp)
@@ -332,12 +326,8 @@ def _search_best(task, tgt, strategy: str, trials: int) -> float:
             builder=ms.builder.LocalBuilder(max_workers=num_cores()),
             runner=ms.runner.LocalRunner(timeout_sec=10),
         )
-        times = [
-            float(np.mean([float(s) for s in r.run_secs]))
-            for r in mdb.get_all_tuning_records()
-            if r.run_secs
-        ]
-    return min(t for t in times if t < FAILED) * 1e6
+        times = [_seconds(r) for r in mdb.get_all_tuning_records()]
+    return min(t for t in times if t is not None) * 1e6
 
 
 def _space(task, target):
