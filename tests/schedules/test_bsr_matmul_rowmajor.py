@@ -18,18 +18,28 @@ from conftest import TOLERANCE
 from tvm_sparse.examples import prune_out_in
 from tvm_sparse.formats import to_bsr
 from tvm_sparse.schedules import tile_transpose
-from tvm_sparse.schedules.bsr_matmul_rowmajor import VARIANTS, Variant, bsr_rm, pack, reference
+from tvm_sparse.schedules.bsr_matmul_rowmajor import (
+    PANELS,
+    VARIANTS,
+    Variant,
+    bsr_rm,
+    default_panel,
+    pack,
+    reference,
+)
 
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "znver5", "num-cores": 2})
 
 
 @functools.cache
-def build(variant: Variant, m: int, n: int, k: int, nnzb: int, relu: bool, threads: int):
-    func = bsr_rm(m, n, k, variant, nnzb, relu=relu, threads=threads)
+def build(variant: Variant, m: int, n: int, k: int, nnzb: int, relu: bool, threads: int, panel):
+    func = bsr_rm(m, n, k, variant, nnzb, relu=relu, threads=threads, panel=panel)
     return tvm.compile(func.with_attr("global_symbol", "main"), target=TARGET)
 
 
-def check(variant: Variant, w: np.ndarray, m: int, relu: bool, seed: int = 0, threads=2) -> None:
+def check(
+    variant: Variant, w: np.ndarray, m: int, relu: bool, seed: int = 0, threads=2, panel=None
+) -> None:
     rng = np.random.default_rng(seed)
     n, k = w.shape
     bsr = to_bsr(w, (variant.rows, variant.cols))
@@ -39,7 +49,7 @@ def check(variant: Variant, w: np.ndarray, m: int, relu: bool, seed: int = 0, th
     bias = rng.standard_normal(npad).astype(np.float32)
     indices = bsr.indices if bsr.nnzb else np.zeros(1, np.int32)
     out = tvm.runtime.tensor(np.full((m, npad), np.nan, np.float32))
-    lib = build(variant, m, npad, kpad, bsr.nnzb, relu, threads)
+    lib = build(variant, m, npad, kpad, bsr.nnzb, relu, threads, panel)
     lib(*[tvm.runtime.tensor(a) for a in (x, pack(bsr), indices, bsr.indptr, bias)], out)
     wpad = np.zeros((npad, kpad), np.float32)
     wpad[:n, :k] = w
@@ -82,6 +92,30 @@ def test_any_chunk_count_is_correct(threads):
     threads)."""
     w = prune_out_in(np.random.default_rng(5).standard_normal((96, 80)).astype(np.float32), 0.7)
     check(Variant(1, 1, "rm"), w, m=48, relu=False, threads=threads)
+
+
+@pytest.mark.parametrize("panel", PANELS)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("m", [6, 33, 80])
+def test_every_panel_and_split(panel, threads, m):
+    """Panels shared out between threads, or (fewer panels than threads) one panel's output
+    groups split between them; a last panel with a partial 16-row tile; an accumulator set
+    per parity of the blocks (4x1) and a single one (16x1)."""
+    for variant in (Variant(4, 1, "rm"), Variant(16, 1, "rm")):
+        w = prune_out_in(
+            np.random.default_rng(m).standard_normal((160, 72)).astype(np.float32),
+            0.7,
+            (variant.rows, variant.cols),
+        )
+        check(variant, w, m, relu=False, threads=threads, panel=panel)
+
+
+def test_default_panel_gives_each_thread_its_rows():
+    """M = 64 on two cores: two 32-row panels (each thread transposes only its own rows)
+    rather than one 64-row panel whose output the threads split."""
+    assert default_panel(64, 2) == 32
+    assert default_panel(128, 2) == 64
+    assert default_panel(8, 2) == 16
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
