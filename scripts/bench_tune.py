@@ -10,9 +10,11 @@ Cases (all batch 1 / the issue's shapes, 2 threads):
   the share of the ideal speed-up (dense MACs / nonzero MACs, against the tuned dense time).
 * Re-pruning: the 16x1 model pruned again with another seed (same sparsity) tuned with the same
   database: new trials (expected 0).
-* XGBoost ranking quality on the MatMul task's records: the cost model trained on 3/4 of the
-  measured candidates ranks the held-back 1/4 (Spearman rho, top-k recall) vs a random
-  ranking; and evolutionary search + XGBoost vs random search (replay-trace) at equal trials.
+* XGBoost ranking quality on the records of every MobileNet task (with >= 32 of them) and of
+  the MatMul task: the cost model trained on 3/4 of a task's measured candidates ranks the
+  held-back 1/4 (Spearman rho, top-k recall) vs a random ranking; and evolutionary search +
+  XGBoost vs random search (replay-trace) at equal trials on the MatMul and on the
+  MobileNet's heaviest task.
 
 Every build is timed in a fresh process (timings taken right after tuning in the tuning
 process are unreliable, see NOTES-tvm.md). Usage:
