@@ -12,6 +12,7 @@ from tvm.s_tir import SBlockRealize
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.meta_schedule.database import Database
 
+from tvm_sparse.passes.convert_layout import legalize_conv2d
 from tvm_sparse.schedules import default_rules
 from tvm_sparse.schedules.common import PREPACK_ATTR
 
@@ -27,7 +28,7 @@ def _phase_passes(name: str, target: tvm.target.Target) -> list[tvm.transform.Pa
         ]
     if name == "legalize":
         return [
-            relax.transform.LegalizeOps(),
+            relax.transform.LegalizeOps({"relax.nn.conv2d": legalize_conv2d}),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),

@@ -38,6 +38,15 @@ from .common import (
 from .spaces import Space, choose, register
 
 ROLES = ("n", "co", "oh", "ow", "rc", "ry", "rx")
+# Layouts ("data>output" when they differ): the roles of the output's indices, of the
+# weight's indices, and the positions of (batch, channel, row, column) in the data. NHWC convs
+# take OHWI weights; "NCHW>NHWC" is a model's first conv reading its NCHW input straight
+# into the NHWC chain (passes.convert_layout).
+LAYOUTS = {
+    "NCHW": (("n", "co", "oh", "ow"), ("co", "rc", "ry", "rx"), (0, 1, 2, 3)),
+    "NHWC": (("n", "oh", "ow", "co"), ("co", "ry", "rx", "rc"), (0, 3, 1, 2)),
+    "NCHW>NHWC": (("n", "oh", "ow", "co"), ("co", "ry", "rx", "rc"), (0, 1, 2, 3)),
+}
 LANES = 16  # fp32 lanes of one zmm register
 # Spread work over at least this many parallel tasks (2 cores, some load imbalance).
 MIN_TASKS = 8
@@ -72,6 +81,20 @@ class ConvBlock:
     grouped: bool  # the data channel depends on the output channel (group or depthwise)
     data: tirx.Buffer
     weight: tirx.Buffer
+    layout: str = "NCHW"  # a key of LAYOUTS
+
+    @property
+    def data_layout(self) -> str:
+        return self.layout.split(">")[0]
+
+    @property
+    def out_layout(self) -> str:
+        return self.layout.split(">")[-1]
+
+    @property
+    def depthwise(self) -> bool:
+        """One input channel per output channel (the reduction is over the kernel only)."""
+        return self.grouped and self.extents["rc"] == 1
 
 
 def _uses(expr, var) -> bool:
@@ -101,32 +124,34 @@ def _bind_vars(region, roles, by_var, kind, var_of) -> bool:
     return True
 
 
-def _bind_operands(data, weight, by_var, spatial_vars):
-    """Roles of every block var if `data` / `weight` read like conv2d input / kernel, else None.
+def _bind_operands(data, weight, by_var, spatial_vars, layout: str):
+    """Roles of every block var if `data` / `weight` read like conv2d input / kernel in
+    `layout`, else None.
 
-    weight[co, rc, ry, rx] names the reduction vars; data[n, c, oh*s + ry*d, ow*s + rx*d] must
-    be affine in them, with its channel a function of co (groups) and rc only.
+    The weight (OIHW or OHWI) names the reduction vars; the data's rows and columns must be
+    affine in them (``oh*s + ry*d``), with its channel a function of co (groups) and rc only.
     """
+    _, w_roles, (n_at, c_at, h_at, w_at) = LAYOUTS[layout]
     var_of = dict(spatial_vars)
     w_idx = [r.min for r in weight.region]
     if not (isinstance(w_idx[0], tirx.IntImm) or w_idx[0].same_as(var_of.get("co"))):
         return None
-    if not _bind_vars(weight.region[1:], ROLES[4:], by_var, "R", var_of):
+    if not _bind_vars(weight.region[1:], w_roles[1:], by_var, "R", var_of):
         return None
     if set(by_var) != set(var_of.values()) or len(var_of) != len(by_var):
         return None
     d_idx = [r.min for r in data.region]
-    h = _linear(d_idx[2], [var_of.get("oh"), var_of.get("ry")])
-    w = _linear(d_idx[3], [var_of.get("ow"), var_of.get("rx")])
-    n_ok = isinstance(d_idx[0], tirx.IntImm) or d_idx[0].same_as(var_of.get("n"))
-    c_vars = set(tirx.analysis.undefined_vars(d_idx[1]))
+    h = _linear(d_idx[h_at], [var_of.get("oh"), var_of.get("ry")])
+    w = _linear(d_idx[w_at], [var_of.get("ow"), var_of.get("rx")])
+    n_ok = isinstance(d_idx[n_at], tirx.IntImm) or d_idx[n_at].same_as(var_of.get("n"))
+    c_vars = set(tirx.analysis.undefined_vars(d_idx[c_at]))
     if h is None or w is None or not n_ok or not c_vars <= {var_of.get("co"), var_of.get("rc")}:
         return None
-    return var_of, (max(h[0], 1), max(w[0], 1)), _uses(d_idx[1], var_of.get("co"))
+    return var_of, (max(h[0], 1), max(w[0], 1)), _uses(d_idx[c_at], var_of.get("co"))
 
 
 def match_conv2d(sch: s_tir.Schedule) -> ConvBlock | None:
-    """Normalise `sch` and return its NCHW convolution block, or None if it has none."""
+    """Normalise `sch` and return its NCHW or NHWC convolution block, or None if it has none."""
     infos = normalize_prim_func(sch)
     if infos is None:
         return None
@@ -144,14 +169,18 @@ def match_conv2d(sch: s_tir.Schedule) -> ConvBlock | None:
     if len(reads) != 2 or any(len(r.region) != 4 for r in reads):
         return None
     by_var = {it.var: it for it in red.iters}
-    spatial: dict = {}
-    if not _bind_vars(out.region, ROLES[:4], by_var, "S", spatial):
-        return None
-    for data, weight in (reads, reads[::-1]):
-        bound = _bind_operands(data, weight, by_var, spatial)
+    bound = None
+    for layout, (out_roles, _, _) in LAYOUTS.items():
+        spatial: dict = {}
+        if not _bind_vars(out.region, out_roles, by_var, "S", spatial):
+            continue
+        for data, weight in (reads, reads[::-1]):
+            bound = _bind_operands(data, weight, by_var, spatial, layout)
+            if bound is not None:
+                break
         if bound is not None:
             break
-    else:
+    if bound is None:
         return None
     var_of, stride, grouped = bound
     extents = {role: 1 for role in ROLES}
@@ -170,6 +199,7 @@ def match_conv2d(sch: s_tir.Schedule) -> ConvBlock | None:
         grouped=grouped,
         data=data.source,
         weight=weight.source,
+        layout=layout,
     )
 
 
@@ -186,16 +216,28 @@ def _divisors(n: int, at_most: int, default: int) -> list[int]:
     return _choices(range(1, at_most + 1), default, lambda d: n % d == 0)
 
 
+def channel_tile_ok(conv: ConvBlock) -> bool:
+    """Whether output channels can be the vector lanes: dense convs with ``Co % 16 == 0``,
+    and NHWC depthwise convs (there the data's channels are the same lanes)."""
+    if conv.extents["co"] % LANES:
+        return False
+    return not conv.grouped or (conv.data_layout == "NHWC" and conv.depthwise)
+
+
 def choose_tile(conv: ConvBlock) -> ChannelTile | RowTile:
     """The default register tile for `conv` (measured on Zen 5, one thread).
 
     Dense: 16 channels x 14 pixels for 3x3 and larger reductions (reading neighbouring pixels
     keeps the broadcasts cheap); 32 channels x 8-14 pixels for 1x1 convs and stems, whose short
-    reductions need more accumulators per load. Depthwise: one vector of a row, 4-8 rows, two
-    channels per task for 7x7 planes.
+    reductions need more accumulators per load. Depthwise NCHW: one vector of a row, 4-8 rows,
+    two channels per task for 7x7 planes; depthwise NHWC: 32 channels x up to 7 pixels (one
+    data vector and one FMA per tap and pixel).
     """
     co, ow = conv.extents["co"], conv.extents["ow"]
-    if not conv.grouped and co % LANES == 0:
+    if channel_tile_ok(conv) and conv.grouped:
+        vectors = 2 if co % (2 * LANES) == 0 else 1
+        return ChannelTile(vectors=vectors, pixels=_largest_divisor(ow, 14 // vectors))
+    if channel_tile_ok(conv):
         reduction = conv.extents["rc"] * conv.extents["ry"] * conv.extents["rx"]
         pointwise = conv.extents["ry"] * conv.extents["rx"] == 1
         if co % (2 * LANES) == 0 and (pointwise or reduction < 256):
@@ -273,25 +315,29 @@ def _schedule_channel_tile(sch: s_tir.Schedule, conv: ConvBlock, knobs: dict):
         ow_o, ow_i = sch.split(lp["ow"], [None, knobs["pixels"][1]])
         spatial.append(ow_o)
         pixel.append(ow_i)
-    red = [lp[r] for r in ("rc", "ry", "rx") if r in lp]
+    nhwc = conv.data_layout == "NHWC"
+    # NHWC: input channels innermost, so a pixel's channels are read in order.
+    red = [lp[r] for r in (("ry", "rx", "rc") if nhwc else ("rc", "ry", "rx")) if r in lp]
     sch.reorder(*task, *spatial, *red, *pixel, co_v, co_l)
     par = sch.fuse(*task) if len(task) > 1 else task[0]
     tile_loop = sch.fuse(*spatial) if len(spatial) > 1 else (spatial[0] if spatial else par)
     # Accumulators: channels innermost so each register holds 16 channels of one pixel.
     acc = sch.cache_write(block, 0, "global")
-    sch.transform_layout(block, ("write", 0), lambda n, co, oh, ow: (n, oh, ow, co))
+    if conv.out_layout == "NCHW":
+        sch.transform_layout(block, ("write", 0), lambda n, co, oh, ow: (n, oh, ow, co))
     sch.reverse_compute_at(acc, tile_loop, preserve_unit_loops=True)
     inline_epilogues(sch, acc)
     w_index = next(i for i, r in enumerate(sch.get(block).reads) if r.source.same_as(conv.weight))
     if layout_free(sch, conv.weight):
         # A constant weight: packed once at compile time as [co / cb, ci, ry, rx, cb], cb the
         # channels of one tile, so every tile streams one contiguous panel.
+        # (NHWC: OHWI weights become [co / cb, ry, rx, ci, cb].)
         cb = knobs["vectors"][0] * LANES
-        prepack(sch, block, w_index, lambda co, ci, ry, rx: (co // cb, ci, ry, rx, co % cb))
+        prepack(sch, block, w_index, lambda co, a, b, c: (co // cb, a, b, c, co % cb))
     else:  # repacked to [ci, ry, rx, co] by each parallel task, for the channels it computes
         packed = sch.cache_read(block, w_index, "global")
         sch.compute_at(packed, par, preserve_unit_loops=True)
-        sch.transform_layout(packed, ("write", 0), lambda co, ci, ry, rx: (ci, ry, rx, co))
+        sch.transform_layout(packed, ("write", 0), lambda co, a, b, c: (a, b, c, co))
         pack_loops = sch.get_loops(packed)[1:]
         sch.reorder(*pack_loops[1:], pack_loops[0])  # contiguous writes
     sch.parallel(par)
@@ -306,8 +352,22 @@ def _schedule_channel_tile(sch: s_tir.Schedule, conv: ConvBlock, knobs: dict):
     if pad is not None:
         if _is_copy(sch, pad):
             sch.compute_inline(pad)
+        elif nhwc:
+            _schedule_pad_nhwc(sch, pad, par)
         else:
             _schedule_pad_root(sch, pad, _pad_before(sch, pad), 1)
+
+
+def _schedule_pad_nhwc(sch: s_tir.Schedule, pad, par) -> None:
+    """Pad an NHWC input inside each parallel task, for the rows (and channels) the task
+    reads: the padded copy stays in the core's L2 for the reduction that follows, and no
+    separate pass over the whole tensor is made. A pixel's channels are copied as vectors."""
+    sch.compute_at(pad, par, preserve_unit_loops=True)
+    loops = sch.get_loops(pad)
+    channels = const_extent(sch.get(loops[-1]).extent)
+    if channels and channels % LANES == 0:
+        _, lanes = sch.split(loops[-1], [None, LANES])
+        sch.vectorize(lanes)
 
 
 def _row_knobs(sch: s_tir.Schedule, conv: ConvBlock, tile: RowTile, tune: bool) -> dict:
@@ -472,12 +532,17 @@ def apply_conv2d(
     if conv is None:
         return False
     default = tile or choose_tile(conv)
-    channel_ok = not conv.grouped and conv.extents["co"] % LANES == 0
+    channel_ok = channel_tile_ok(conv)
     if isinstance(default, ChannelTile) and (
-        conv.grouped or conv.extents["co"] % (default.vectors * LANES)
+        not channel_ok or conv.extents["co"] % (default.vectors * LANES)
     ):
         return False
-    kinds = [CHANNEL, ROW] if channel_ok else [ROW]
+    if conv.out_layout == "NHWC":  # columns are not contiguous in NHWC: no row tiles
+        if not channel_ok or isinstance(default, RowTile):
+            return False
+        kinds = [CHANNEL]
+    else:
+        kinds = [CHANNEL, ROW] if channel_ok else [ROW]
     default_kind = CHANNEL if isinstance(default, ChannelTile) else ROW
     if kind is not None:
         if kind not in kinds:
@@ -505,7 +570,8 @@ SPACE = register(Space("conv2d", _is_conv2d, apply_conv2d, structures=("kind", K
 
 
 class Conv2d(dl.ScheduleRule):
-    """Schedule NCHW convolutions (dense, grouped, depthwise) with their fused epilogues, with
+    """Schedule NCHW and NHWC convolutions (dense, grouped, depthwise) with their fused
+    epilogues, with
     the default decisions of :func:`apply_conv2d`.
 
     Parameters

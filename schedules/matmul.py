@@ -102,7 +102,9 @@ def _find_contraction(sch: s_tir.Schedule):
 def _tile_for(m: int, n: int, dtype_bits: int) -> MatmulTile:
     lanes = vector_width(n, dtype_bits)
     vectors = 1
-    for v in (4, 3, 2):
+    # A GEMV has one accumulator per vector, each a chain of dependent FMAs over K: it needs
+    # several vectors to hide the FMA latency (N = 1000: 5 x 8 lanes, not 1).
+    for v in (8, 5, 4, 3, 2) if m == 1 else (4, 3, 2):
         if n % (lanes * v) == 0:
             vectors = v
             break

@@ -161,6 +161,7 @@ def _prepare(
     selection timings stored with it."""
     from tvm_sparse.passes import optimize
     from tvm_sparse.passes.collect_sparse_layers import MatmulLayer
+    from tvm_sparse.passes.convert_layout import ConvertConvLayoutNHWC
     from tvm_sparse.passes.rewrite_conv1x1_to_matmul import RewriteConv1x1ToMatmul
     from tvm_sparse.passes.rewrite_conv_to_bsr import ConvLayer, RewriteConvToBSR
     from tvm_sparse.passes.rewrite_dense_to_bsr import RewriteDenseToBSR
@@ -185,6 +186,7 @@ def _prepare(
     mod = RewriteConv1x1ToMatmul(only=pointwise)(mod)
     mod = RewriteInputSparse(input_plan)(mod)
     mod = RewriteDenseToBSR(bsr_plan)(mod)
+    mod = ConvertConvLayoutNHWC(mod)
     mod = optimize(mod, tgt, dump_dir=dump_ir, on_phase=on_phase, phases=("legalize",))
     return proto, specs, tgt, mod, decisions
 

@@ -262,3 +262,128 @@ def test_mobilenet_tiny_end_to_end_vs_onnxruntime():
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     want = sess.run(None, {"input": x})[0]
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+
+
+# NHWC convs (passes.convert_layout): name -> (case as in CASES, layout). "NCHW>NHWC" reads an
+# NCHW input into an NHWC output (a model's first conv).
+LAYOUT_CASES = {
+    "nhwc_depthwise_s1": ((1, 32, 32, 20, 3, 1, 1, 32, 1, ("bias", "relu"), ChannelTile), "NHWC"),
+    "nhwc_depthwise_s2_odd": ((1, 32, 32, 17, 3, 2, 1, 32, 1, ("bias",), ChannelTile), "NHWC"),
+    "nhwc_depthwise_48": ((1, 48, 48, 9, 3, 1, 1, 48, 1, ("clip",), ChannelTile), "NHWC"),
+    "nhwc_dense_3x3": ((1, 16, 48, 9, 3, 1, 1, 1, 1, ("bias", "relu"), ChannelTile), "NHWC"),
+    "nhwc_pointwise": ((1, 24, 64, 10, 1, 1, 0, 1, 1, ("bias", "relu"), ChannelTile), "NHWC"),
+    "nhwc_pointwise_s2": ((1, 32, 32, 14, 1, 2, 0, 1, 1, ("bias",), ChannelTile), "NHWC"),
+    "nhwc_residual_batch_2": (
+        (2, 16, 32, 8, 3, 1, 1, 1, 1, ("bias", "residual", "relu"), ChannelTile),
+        "NHWC",
+    ),
+    "nhwc_asymmetric_padding": (
+        (1, 16, 16, 11, 3, 2, (0, 0, 1, 1), 16, 1, ("relu",), ChannelTile),
+        "NHWC",
+    ),
+    "nchw_to_nhwc_stem_3x3_s2": (
+        (1, 3, 32, 15, 3, 2, 1, 1, 1, ("bias", "relu"), ChannelTile),
+        "NCHW>NHWC",
+    ),
+    "nchw_to_nhwc_stem_7x7_s2": (
+        (1, 3, 64, 16, 7, 2, 3, 1, 1, ("bias",), ChannelTile),
+        "NCHW>NHWC",
+    ),
+}
+# Layouts: (data, weight, output) axis orders as permutations of NCHW / OIHW.
+_PERM = {"NCHW": (0, 1, 2, 3), "NHWC": (0, 2, 3, 1)}
+
+
+def _layout_module(case, layout):
+    """`case` as one conv2d in `layout` (weights OHWI), epilogue operands in the output's
+    layout, legalized like the pipeline does (with passes.convert_layout's conv2d)."""
+    from tvm_sparse.passes.convert_layout import legalize_conv2d
+
+    batch, cin, cout, hw, k, stride, padding, groups, dilation, epilogue, _ = case
+    padding = padding if isinstance(padding, tuple) else (padding,) * 4
+    data_l, out_l = layout.split(">")[0], layout.split(">")[-1]
+    nchw_out = (batch, cout, *_out_hw(hw, k, stride, padding, dilation))
+
+    def shape(nchw, lay):
+        return tuple(nchw[i] for i in _PERM[lay])
+
+    x = relax.Var("x", relax.TensorType(shape((batch, cin, hw, hw), data_l), "float32"))
+    w = relax.Var("w", relax.TensorType((cout, k, k, cin // groups), "float32"))
+    extra = {
+        "bias": relax.Var("b", relax.TensorType(shape((1, cout, 1, 1), out_l), "float32")),
+        "residual": relax.Var("skip", relax.TensorType(shape(nchw_out, out_l), "float32")),
+    }
+    params = [x, w] + [extra[op] for op in epilogue if op in extra]
+    bb = relax.BlockBuilder()
+    with bb.function("main", params):
+        with bb.dataflow():
+            y = bb.emit(
+                nn.conv2d(
+                    x, w, strides=stride, padding=padding, dilation=dilation, groups=groups,
+                    data_layout=data_l, kernel_layout="OHWI", out_layout=out_l,
+                )
+            )  # fmt: skip
+            for op in epilogue:
+                if op in extra:
+                    y = bb.emit(relax.op.add(y, extra[op]))
+                elif op == "relu":
+                    y = bb.emit(nn.relu(y))
+                elif op == "clip":
+                    y = bb.emit(relax.op.clip(y, 0.0, 6.0))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return tvm.transform.Sequential(
+        [
+            relax.transform.LegalizeOps({"relax.nn.conv2d": legalize_conv2d}),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+        ]
+    )(bb.get()), padding
+
+
+@pytest.mark.parametrize("name", list(LAYOUT_CASES))
+def test_nhwc_conv_matches_numpy(name, target):
+    """NHWC convs (and an NCHW input into NHWC) run on channel tiles and match NumPy."""
+    case, layout = LAYOUT_CASES[name]
+    mod, padding = _layout_module(case, layout)
+    (gv,) = [gv for gv in mod.functions if "conv2d" in gv.name_hint]
+    func = mod[gv]
+    conv = match_conv2d(s_tir.Schedule(func))
+    assert conv is not None and conv.layout == layout
+    assert isinstance(choose_tile(conv), ChannelTile)
+    sch = Conv2d().apply(func, target, False)
+    assert sch is not None, "Conv2d declined an NHWC convolution"
+    rng = np.random.default_rng(0)
+    arrays = [
+        rng.standard_normal([int(d) for d in p.shape]).astype("float32") for p in func.params[:-1]
+    ]
+    arrays[1] /= np.sqrt(arrays[1][0].size)
+    lib = tvm.compile(sch.mod["main"].with_attr("global_symbol", "main"), target=target).jit()
+    out = np.full([int(d) for d in func.params[-1].shape], np.nan, dtype="float32")
+    args = [tvm.runtime.tensor(a) for a in [*arrays, out]]
+    lib["main"](*args)
+    # The NCHW / OIHW reference on the same numbers.
+    data_l, out_l = layout.split(">")[0], layout.split(">")[-1]
+    to_nchw = np.argsort(_PERM[data_l])
+    nchw = [arrays[0].transpose(to_nchw), arrays[1].transpose(0, 3, 1, 2)]
+    nchw += [a.transpose(np.argsort(_PERM[out_l])) for a in arrays[2:]]
+    _, _, _, _, _, stride, _, groups, dilation, epilogue, _ = case
+    want = _reference(nchw, stride, padding, groups, dilation, epilogue)
+    np.testing.assert_allclose(args[-1].numpy(), want.transpose(_PERM[out_l]), **TOL)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        (1, 16, 32, 12, 3, 1, 1, 4, 1, ("bias",), None),  # grouped, not depthwise
+        (1, 8, 20, 12, 3, 1, 1, 1, 1, ("bias",), None),  # channels not a multiple of 16
+    ],
+)
+def test_nhwc_without_channel_tiles_is_declined(case, target):
+    """NHWC convs whose channels cannot be the lanes are left to the fallback rule (row tiles
+    would read columns C apart)."""
+    mod, _ = _layout_module(case, "NHWC")
+    (gv,) = [gv for gv in mod.functions if "conv2d" in gv.name_hint]
+    assert match_conv2d(s_tir.Schedule(mod[gv])) is not None
+    assert Conv2d().apply(mod[gv], target, False) is None
