@@ -14,9 +14,10 @@ is not transposed in a pass of its own.
 
 The pass applies only when every conv can keep its output channels in the vector lanes
 (fp32, 16k output channels, dense or depthwise; others would fall to a generic schedule), and
-when 4-D activations flow between Relax ops alone: a ``call_tir``
-(a sparse or int8 kernel of ours) reading or writing a 4-D tensor expects NCHW, and
-converting around it would put a transpose on every such edge.
+when 4-D activations flow between Relax ops alone: a ``call_tir`` (a sparse or int8 kernel
+of ours) reading or writing a 4-D tensor, or a reshape of one (a sparse pointwise conv in its
+matmul form), expects NCHW, and converting around it would put a transpose on every such
+edge.
 """
 
 from __future__ import annotations
@@ -50,11 +51,30 @@ def _channel_tiled(call: relax.Call) -> bool:
     return out_ch % 16 == 0 and (groups == 1 or (per_group == 1 and groups == out_ch))
 
 
+def _reads_4d(arg, bound: dict) -> bool:
+    """Whether a kernel argument is a 4-D tensor, or a reshape / transpose of one (a sparse
+    pointwise conv's matmul reads its NCHW input as [C, H*W])."""
+    if _is_4d(arg.ty):
+        return True
+    value = bound.get(arg)
+    if isinstance(value, relax.Call) and getattr(value.op, "name", "") in (
+        "relax.reshape",
+        "relax.permute_dims",
+    ):
+        return _is_4d(value.args[0].ty)
+    return False
+
+
 def _convertible(func: relax.Function) -> bool:
-    """Whether `func` has convs, all of them channel-tiled in NHWC, and no kernel call on
-    4-D tensors."""
+    """Whether `func` has convs, all of them channel-tiled in NHWC, and no kernel call that
+    reads or writes a 4-D tensor."""
     convs = 0
     blocked = False
+    bound = {}
+    if isinstance(func.body, relax.SeqExpr):
+        for block in func.body.blocks:
+            for binding in block.bindings:
+                bound[binding.var] = binding.value
 
     def visit(expr):
         nonlocal convs, blocked
@@ -69,7 +89,7 @@ def _convertible(func: relax.Function) -> bool:
         elif name in ("relax.call_tir", "relax.call_dps_packed"):
             tensors = [expr.ty] if not isinstance(expr.ty, relax.TupleType) else expr.ty.fields
             args = expr.args[1].fields if isinstance(expr.args[1], relax.Tuple) else []
-            if any(_is_4d(t) for t in tensors) or any(_is_4d(a.ty) for a in args):
+            if any(_is_4d(t) for t in tensors) or any(_reads_4d(a, bound) for a in args):
                 blocked = True
 
     relax.analysis.post_order_visit(func.body, visit)

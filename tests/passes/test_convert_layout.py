@@ -86,3 +86,29 @@ def test_kernel_calls_on_4d_tensors_keep_nchw():
         bb.emit_func_output(out)
     mod = bb.get()
     tvm.ir.assert_structural_equal(ConvertConvLayoutNHWC(mod)["main"], mod["main"])
+
+
+def _conv_layouts(model, sparse):
+    """The layout of every conv PrimFunc compile() would schedule (threshold policy)."""
+    from tvm import s_tir
+
+    from tvm_sparse.compiler import _prepare
+    from tvm_sparse.schedules.conv2d import match_conv2d
+
+    mod = _prepare(model, "host", None, sparse, "threshold")[3]
+    layouts = []
+    for func in mod.functions.values():
+        if isinstance(func, tvm.tirx.PrimFunc):
+            conv = match_conv2d(s_tir.Schedule(func))
+            if conv is not None:
+                layouts.append(conv.layout)
+    return layouts
+
+
+def test_sparse_pointwise_convs_keep_the_chain_nchw():
+    """Pruned pointwise convs run as BSR matmuls over the NCHW input viewed as [C, H*W]: the
+    depthwise convs between them stay NCHW (no transposes around every sparse layer), while
+    the same model built dense runs in NHWC."""
+    model = examples.mobilenet_v1(size=32, width=0.5, classes=10, sparsity=0.9, block=(4, 1))
+    assert set(_conv_layouts(model, "force")) == {"NCHW"}
+    assert set(_conv_layouts(model, "off")) == {"NHWC", "NCHW>NHWC"}
