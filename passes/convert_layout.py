@@ -27,6 +27,8 @@ from tvm import relax, te, topi
 from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.relax.transform.legalize_ops.nn import _nn_conv2d
 
+from tvm_sparse.schedules.conv2d import LANES
+
 DESIRED = {"relax.nn.conv2d": ["NHWC", "OHWI"]}
 TO_NHWC = [0, 2, 3, 1]
 
@@ -48,7 +50,7 @@ def _channel_tiled(call: relax.Call) -> bool:
     except (TypeError, ValueError):
         return False
     groups = int(call.attrs.groups)
-    return out_ch % 16 == 0 and (groups == 1 or (per_group == 1 and groups == out_ch))
+    return out_ch % LANES == 0 and (groups == 1 or (per_group == 1 and groups == out_ch))
 
 
 def _reads_4d(arg, bound: dict) -> bool:
@@ -188,8 +190,12 @@ def ConvertConvLayoutNHWC(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: N80
     ]
     if not funcs:
         return mod
-    converted = relax.transform.ConvertLayout(DESIRED)(mod)
-    out = mod.shallow_copy() if hasattr(mod, "shallow_copy") else tvm.IRModule(mod.functions)
-    for gv in funcs:
-        out[gv] = _ReadNCHWInput(out).visit_expr(converted[gv])
+    # ConvertLayout converts every function; the others get their originals back. Building on
+    # its output keeps the module's attributes and global infos.
+    out = relax.transform.ConvertLayout(DESIRED)(mod)
+    for gv, func in mod.functions.items():
+        if gv in funcs:
+            out[gv] = _ReadNCHWInput(out).visit_expr(out[gv])
+        elif isinstance(func, relax.Function):
+            out[gv] = func
     return relax.transform.DeadCodeElimination()(out)

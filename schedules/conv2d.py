@@ -234,16 +234,16 @@ def choose_tile(conv: ConvBlock) -> ChannelTile | RowTile:
     data vector and one FMA per tap and pixel).
     """
     co, ow = conv.extents["co"], conv.extents["ow"]
-    if channel_tile_ok(conv) and conv.grouped:
+    if not channel_tile_ok(conv):
+        return _row_tile(conv)
+    if conv.grouped:
         vectors = 2 if co % (2 * LANES) == 0 else 1
         return ChannelTile(vectors=vectors, pixels=_largest_divisor(ow, 14 // vectors))
-    if channel_tile_ok(conv):
-        reduction = conv.extents["rc"] * conv.extents["ry"] * conv.extents["rx"]
-        pointwise = conv.extents["ry"] * conv.extents["rx"] == 1
-        if co % (2 * LANES) == 0 and (pointwise or reduction < 256):
-            return ChannelTile(vectors=2, pixels=_largest_divisor(ow, 14 if pointwise else 8))
-        return ChannelTile(vectors=1, pixels=_largest_divisor(ow, 14))
-    return _row_tile(conv)
+    reduction = conv.extents["rc"] * conv.extents["ry"] * conv.extents["rx"]
+    pointwise = conv.extents["ry"] * conv.extents["rx"] == 1
+    if co % (2 * LANES) == 0 and (pointwise or reduction < 256):
+        return ChannelTile(vectors=2, pixels=_largest_divisor(ow, 14 if pointwise else 8))
+    return ChannelTile(vectors=1, pixels=_largest_divisor(ow, 14))
 
 
 def _row_tile(conv: ConvBlock) -> RowTile:
@@ -571,8 +571,7 @@ SPACE = register(Space("conv2d", _is_conv2d, apply_conv2d, structures=("kind", K
 
 class Conv2d(dl.ScheduleRule):
     """Schedule NCHW and NHWC convolutions (dense, grouped, depthwise) with their fused
-    epilogues, with
-    the default decisions of :func:`apply_conv2d`.
+    epilogues, with the default decisions of :func:`apply_conv2d`.
 
     Parameters
     ----------

@@ -52,13 +52,17 @@ def _conv_module(x_shape, w_shape, stride, padding, groups, dilation, epilogue):
         "bias": relax.Var("b", relax.TensorType((1, w_shape[0], 1, 1), "float32")),
         "residual": relax.Var("skip", relax.TensorType(out_shape, "float32")),
     }
+    conv = nn.conv2d(x, w, strides=stride, padding=padding, dilation=dilation, groups=groups)
+    return _with_epilogue(x, w, conv, epilogue, extra)
+
+
+def _with_epilogue(x, w, conv, epilogue, extra):
+    """Relax module main(x, w, epilogue operands): `conv` followed by the epilogue ops."""
     params = [x, w] + [extra[op] for op in epilogue if op in extra]
     bb = relax.BlockBuilder()
     with bb.function("main", params):
         with bb.dataflow():
-            y = bb.emit(
-                nn.conv2d(x, w, strides=stride, padding=padding, dilation=dilation, groups=groups)
-            )
+            y = bb.emit(conv)
             for op in epilogue:
                 if op in extra:
                     y = bb.emit(relax.op.add(y, extra[op]))
@@ -135,6 +139,21 @@ CASES = {
 }
 
 
+def _run_scheduled(sch, func, target):
+    """Build `sch` and run it on seeded random inputs (weights scaled by 1/sqrt(fan-in)):
+    (inputs, output)."""
+    rng = np.random.default_rng(0)
+    arrays = [
+        rng.standard_normal([int(d) for d in p.shape]).astype("float32") for p in func.params[:-1]
+    ]
+    arrays[1] /= np.sqrt(arrays[1][0].size)
+    lib = tvm.compile(sch.mod["main"].with_attr("global_symbol", "main"), target=target).jit()
+    out = np.full([int(d) for d in func.params[-1].shape], np.nan, dtype="float32")
+    args = [tvm.runtime.tensor(a) for a in [*arrays, out]]
+    lib["main"](*args)
+    return arrays, args[-1].numpy()
+
+
 def _run_case(case, target, tile=None):
     batch, cin, cout, hw, k, stride, padding, groups, dilation, epilogue, _ = case
     padding = padding if isinstance(padding, tuple) else (padding,) * 4
@@ -155,16 +174,7 @@ def _run_case(case, target, tile=None):
     assert sch is not None, "Conv2d declined a convolution"
     script = sch.mod.script()
     assert "T.parallel" in script and "T.vectorized" in script
-    rng = np.random.default_rng(0)
-    arrays = [
-        rng.standard_normal([int(d) for d in p.shape]).astype("float32") for p in func.params[:-1]
-    ]
-    arrays[1] /= np.sqrt(arrays[1][0].size)
-    lib = tvm.compile(sch.mod["main"].with_attr("global_symbol", "main"), target=target).jit()
-    out = np.full([int(d) for d in func.params[-1].shape], np.nan, dtype="float32")
-    args = [tvm.runtime.tensor(a) for a in [*arrays, out]]
-    lib["main"](*args)
-    got = args[-1].numpy()
+    arrays, got = _run_scheduled(sch, func, target)
     want = _reference(arrays, stride, padding, groups, dilation, epilogue)
     assert got.shape == want.shape and got.dtype == np.float32
     np.testing.assert_allclose(got, want, **TOL)
@@ -313,25 +323,10 @@ def _layout_module(case, layout):
         "bias": relax.Var("b", relax.TensorType(shape((1, cout, 1, 1), out_l), "float32")),
         "residual": relax.Var("skip", relax.TensorType(shape(nchw_out, out_l), "float32")),
     }
-    params = [x, w] + [extra[op] for op in epilogue if op in extra]
-    bb = relax.BlockBuilder()
-    with bb.function("main", params):
-        with bb.dataflow():
-            y = bb.emit(
-                nn.conv2d(
-                    x, w, strides=stride, padding=padding, dilation=dilation, groups=groups,
-                    data_layout=data_l, kernel_layout="OHWI", out_layout=out_l,
-                )
-            )  # fmt: skip
-            for op in epilogue:
-                if op in extra:
-                    y = bb.emit(relax.op.add(y, extra[op]))
-                elif op == "relu":
-                    y = bb.emit(nn.relu(y))
-                elif op == "clip":
-                    y = bb.emit(relax.op.clip(y, 0.0, 6.0))
-            out = bb.emit_output(y)
-        bb.emit_func_output(out)
+    conv = nn.conv2d(
+        x, w, strides=stride, padding=padding, dilation=dilation, groups=groups,
+        data_layout=data_l, kernel_layout="OHWI", out_layout=out_l,
+    )  # fmt: skip
     return tvm.transform.Sequential(
         [
             relax.transform.LegalizeOps({"relax.nn.conv2d": legalize_conv2d}),
@@ -339,7 +334,7 @@ def _layout_module(case, layout):
             relax.transform.FuseOps(),
             relax.transform.FuseTIR(),
         ]
-    )(bb.get()), padding
+    )(_with_epilogue(x, w, conv, epilogue, extra)), padding
 
 
 @pytest.mark.parametrize("name", list(LAYOUT_CASES))
@@ -354,15 +349,7 @@ def test_nhwc_conv_matches_numpy(name, target):
     assert isinstance(choose_tile(conv), ChannelTile)
     sch = Conv2d().apply(func, target, False)
     assert sch is not None, "Conv2d declined an NHWC convolution"
-    rng = np.random.default_rng(0)
-    arrays = [
-        rng.standard_normal([int(d) for d in p.shape]).astype("float32") for p in func.params[:-1]
-    ]
-    arrays[1] /= np.sqrt(arrays[1][0].size)
-    lib = tvm.compile(sch.mod["main"].with_attr("global_symbol", "main"), target=target).jit()
-    out = np.full([int(d) for d in func.params[-1].shape], np.nan, dtype="float32")
-    args = [tvm.runtime.tensor(a) for a in [*arrays, out]]
-    lib["main"](*args)
+    arrays, got = _run_scheduled(sch, func, target)
     # The NCHW / OIHW reference on the same numbers.
     data_l, out_l = layout.split(">")[0], layout.split(">")[-1]
     to_nchw = np.argsort(_PERM[data_l])
@@ -370,7 +357,7 @@ def test_nhwc_conv_matches_numpy(name, target):
     nchw += [a.transpose(np.argsort(_PERM[out_l])) for a in arrays[2:]]
     _, _, _, _, _, stride, _, groups, dilation, epilogue, _ = case
     want = _reference(nchw, stride, padding, groups, dilation, epilogue)
-    np.testing.assert_allclose(args[-1].numpy(), want.transpose(_PERM[out_l]), **TOL)
+    np.testing.assert_allclose(got, want.transpose(_PERM[out_l]), **TOL)
 
 
 @pytest.mark.parametrize(
