@@ -150,3 +150,47 @@ def test_calibration_and_sparse_flags(tmp_path, rng):
         "--calib",
         "no such file",
     )
+
+
+_SWAPPED_HANDLER = """
+import argparse, ctypes, os, signal, sys, time
+from tvm_sparse import cli
+
+def command(args):
+    # Native code swaps its own SIGINT disposition in (TVM's bundled Z3 prover does, for a few
+    # milliseconds at a time during tuning); here SIG_IGN, set at the C level behind Python's
+    # back, so a signal handler would never see the press.
+    libc = ctypes.CDLL(None)
+    libc.signal.restype = ctypes.c_void_p
+    libc.signal(signal.SIGINT, ctypes.c_void_p(1))
+    print("pressing", flush=True)
+    os.kill(os.getpid(), signal.SIGINT)
+    for _ in range(200):
+        time.sleep(0.05)
+    return 0
+
+parser = argparse.ArgumentParser()
+parser.set_defaults(func=command)
+cli.build_parser = lambda: parser
+entry = sys.argv.pop(1)  # run() parses sys.argv: nothing left
+sys.exit(cli.run() if entry == "run" else cli.main([]))
+"""
+
+
+@pytest.mark.parametrize("entry", ["run", "main"])
+def test_ctrl_c_reaches_the_command_when_native_code_swapped_the_handler(entry):
+    """The command line takes SIGINT on a thread that waits for it (`cli.run`), so a press
+    lands even while native code has its own SIGINT disposition installed; `main` alone (the
+    in-process entry, signal handlers only) loses it, which shows the check can fail."""
+    done = subprocess.run(
+        [sys.executable, "-c", _SWAPPED_HANDLER, entry],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "pressing" in done.stdout, done.stderr
+    if entry == "run":
+        assert done.returncode == 130, done.stderr
+        assert "tvm-sparse: interrupted" in done.stderr
+    else:
+        assert done.returncode == 0, done.stderr  # the press was lost: the command ran to its end

@@ -1,5 +1,5 @@
 """`python -m tvm_sparse` is the `tvm-sparse` command."""
 
-from .cli import main
+from .cli import run
 
-raise SystemExit(main())
+raise SystemExit(run())

@@ -432,6 +432,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run() -> int:
+    """The process entry point (`tvm-sparse`, `python -m tvm_sparse`): :func:`main`, with Ctrl-C
+    taken by a thread of its own (:func:`_take_sigint_on_a_thread`)."""
+    _take_sigint_on_a_thread()
+    return main()
+
+
+def _take_sigint_on_a_thread() -> None:
+    """Let SIGINT reach Python only through one thread that waits for it, never through a
+    signal handler.
+
+    Native code may swap its own SIGINT handler in for a moment, and a press that lands then is
+    lost: TVM's bundled Z3 prover installs one for a few milliseconds at a time while
+    MetaSchedule works in this process, and it cancels its own solver instead of passing the
+    signal on (about one `tune` in eight lost a single press). Blocked in every thread (a thread
+    starts with the mask of the thread that starts it, and this runs before any other thread
+    exists), the signal stays pending until the waiting thread takes it and hands it to Python
+    as a press (`_thread.interrupt_main`): KeyboardInterrupt, or `tune`'s stop after the current
+    batch. Child processes inherit the mask, so worker processes outlive a terminal's Ctrl-C
+    until their pool shuts them down.
+    """
+    import _thread
+    import signal
+    import threading
+
+    if threading.active_count() > 1 or not hasattr(signal, "pthread_sigmask"):
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+    def wait() -> None:
+        while True:
+            signal.sigwait({signal.SIGINT})
+            _thread.interrupt_main(signal.SIGINT)
+
+    threading.Thread(target=wait, name="sigint", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .errors import TvmSparseError
