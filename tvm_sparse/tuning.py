@@ -778,7 +778,10 @@ class _Interrupts:
     rest of the run (observed in about one run in three). The C-level handler also writes the
     signal number to the wakeup pipe at once, so every safe point (`_Progress.check`, in
     whichever thread) reads the presses from there. First press: stop after the current batch;
-    a second: interrupt at once (from the Python-level handler, where raising is safe)."""
+    a second: interrupt at once (from the Python-level handler, where raising is safe). A press
+    that lands while native code has its own SIGINT handler installed (TVM's bundled Z3, for
+    milliseconds at a time) never gets here; the command line avoids that by taking SIGINT on
+    a thread of its own (`cli._take_sigint_on_a_thread`), which hands presses to this pipe."""
 
     def __init__(self, stop):
         import threading
