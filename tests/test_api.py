@@ -110,3 +110,42 @@ def test_other_importer_users_do_not_see_our_converters():
     for op, converter in ours.items():
         assert table.get(op) is not converter, f"{op}: our converter leaked into TVM's table"
     assert "LSTM" not in table
+
+
+def test_ctrl_c_inside_a_tvm_callback_stays_a_keyboard_interrupt():
+    """A press that lands in a Python callback TVM runs from C++ (our passes, schedule rules)
+    leaves the FFI as KeyboardInterrupt, not as a bare RuntimeError that an `except Exception`
+    around a schedule primitive would swallow (the build then went on, kernel unscheduled)."""
+    import tvm
+
+    import tvm_sparse._compat  # noqa: F401 - registers KeyboardInterrupt with the FFI
+
+    @tvm.transform.module_pass(opt_level=0)
+    def pressed(mod, ctx):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tvm.transform.Sequential([pressed])(tvm.IRModule())
+
+
+def test_ctrl_c_swallowed_inside_the_build_still_stops_compile(matmul_model, monkeypatch):
+    """TVM code that catches everything around a build (Relax's FoldConstant does) swallows the
+    KeyboardInterrupt a press raised inside it; compile still stops with KeyboardInterrupt
+    instead of finishing with what the interrupted step left."""
+    import signal
+
+    from tvm_sparse import compiler
+
+    real_build = compiler.relax.build
+
+    def build(*args, **kwargs):
+        try:
+            signal.raise_signal(signal.SIGINT)  # the handler raises KeyboardInterrupt here...
+        except KeyboardInterrupt:
+            pass  # ...and native code catches it
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(compiler.relax, "build", build)
+    with pytest.raises(KeyboardInterrupt):
+        tvm_sparse.compile(matmul_model, sparse="off")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 
@@ -252,13 +253,48 @@ def compile(  # noqa: A001 - the public name the API promises
     from tvm_sparse.passes import lowering_pipeline, optimize
 
     db = open_database(database) if database is not None else None
-    with using_database(db):
-        proto, specs, tgt, mod, decisions = _prepare(
-            model, target, shapes, sparse, policy, calibration, dump_ir, on_phase, db
-        )
-        mod = optimize(mod, tgt, dump_dir=dump_ir, on_phase=on_phase, phases=("schedule",))
-    if on_phase:
-        on_phase("build")
-    executable = relax.build(mod, tgt, relax_pipeline=lowering_pipeline(tgt))
+    with _remembered_presses() as check_pressed:
+        with using_database(db):
+            proto, specs, tgt, mod, decisions = _prepare(
+                model, target, shapes, sparse, policy, calibration, dump_ir, on_phase, db
+            )
+            mod = optimize(mod, tgt, dump_dir=dump_ir, on_phase=on_phase, phases=("schedule",))
+        check_pressed()
+        if on_phase:
+            on_phase("build")
+        executable = relax.build(mod, tgt, relax_pipeline=lowering_pipeline(tgt))
+        check_pressed()
     outputs = [o.name for o in proto.graph.output]
     return CompiledModel(executable, specs, outputs, _layer_report(proto, decisions), str(tgt))
+
+
+@contextlib.contextmanager
+def _remembered_presses():
+    """Yield a check that raises KeyboardInterrupt if Ctrl-C was pressed inside the block, even
+    when the KeyboardInterrupt it raised was swallowed on the way: TVM code that catches
+    everything around a build (Relax's FoldConstant builds each constant expression in a
+    try/catch and leaves it unfolded on any error) would otherwise let an interrupted compile
+    finish with a worse model. The SIGINT handler in force is wrapped, not replaced; nothing
+    happens off the main thread or when SIGINT is ignored or at its default."""
+    import signal
+    import threading
+
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield lambda: None
+        return
+    pressed = []
+
+    def handler(signum, frame):
+        pressed.append(signum)
+        previous(signum, frame)
+
+    def check() -> None:
+        if pressed:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGINT, previous)
